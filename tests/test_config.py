@@ -1,0 +1,80 @@
+"""The typed config: presets, overrides, YAML, and errors that name the field."""
+
+import pytest
+
+from pipeline import config as C
+from pipeline.cli import build_parser, cluster_plan, resolve
+from pipeline.presets import PRESETS, get_preset
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_validates_and_round_trips(name):
+    cfg = C.validate(get_preset(name))
+    again = C.from_dict(cfg.to_dict())
+    assert again == cfg
+    assert cfg.flat()["model.arch"] in ("biggan", "biggan-deep")
+
+
+def test_paper_settings_are_the_imagenet128_defaults():
+    cfg = get_preset("imagenet128")
+    assert (cfg.train.global_batch, cfg.loss.d_steps, cfg.optim.g_lr, cfg.optim.d_lr) == (2048, 2, 1e-4, 4e-4)
+    assert (cfg.optim.beta1, cfg.optim.beta2, cfg.ema.decay, cfg.loss.ortho_beta) == (0.0, 0.999, 0.9999, 1e-4)
+    assert C.grad_accumulation_steps(cfg) == 1
+    cfg.cluster.num_workers = 2
+    assert C.grad_accumulation_steps(cfg) == 4  # 2048 = 256 x 2 workers x 4 micro-steps
+
+
+def test_overrides_are_typed():
+    cfg = C.apply_overrides(get_preset("demo"), ["train.steps=1_000", "data.flip=false", "optim.g_lr=3e-4",
+                                                 "model.g_ch=none", "tracking.run_name=x"])
+    assert cfg.train.steps == 1000 and cfg.data.flip is False and cfg.optim.g_lr == 3e-4
+    assert cfg.model.g_ch is None and cfg.tracking.run_name == "x"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.widht=3", "unknown config field 'model.widht'; model has: arch"),
+        ("modle.arch=biggan", "unknown config field 'modle.arch'; sections are"),
+        ("train.steps=ten", "train.steps: 'ten' is not a valid int"),
+        ("train.steps=1.5", "train.steps: '1.5' is not a valid int"),
+        ("data.flip=maybe", "data.flip: 'maybe' is not a valid bool"),
+        ("loss.kind=lsgan", "loss.kind: 'lsgan' is not allowed; choose one of ['hinge', 'bce', 'wgan-gp']"),
+        ("train.steps=0", "train.steps: must be > 0"),
+        ("ema.decay=1.5", "ema.decay: must be in [0, 1)"),
+        ("model.attention=48", "model.attention: 48 is not a power-of-two"),
+        ("health.mitigation=halve_lr,pray", "health.mitigation: 'pray' is not one of"),
+        ("train.global_batch=100", "train.global_batch: 100 is not a multiple of"),
+        ("loss.label_smoothing=0.1", "only apply to loss.kind='bce'"),
+    ],
+)
+def test_bad_fields_are_named(override, message):
+    with pytest.raises(C.ConfigError) as err:
+        C.validate(C.apply_overrides(get_preset("demo"), [override]))
+    assert message in str(err.value)
+
+
+def test_yaml_overrides_and_errors(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("train:\n  steps: 12\nloss:\n  r1_gamma: 0.5\n")
+    cfg = C.load_yaml(get_preset("demo"), good)
+    assert cfg.train.steps == 12 and cfg.loss.r1_gamma == 0.5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: 3\n")
+    with pytest.raises(C.ConfigError, match="section 'train' must be a mapping"):
+        C.load_yaml(get_preset("demo"), bad)
+    with pytest.raises(C.ConfigError, match="does not exist"):
+        C.load_yaml(get_preset("demo"), tmp_path / "missing.yaml")
+
+
+def test_cli_resolves_in_order_and_plans(tmp_path):
+    y = tmp_path / "o.yaml"
+    y.write_text("train:\n  steps: 5\n  seed: 3\n")
+    args = build_parser("imagenet128").parse_args(
+        ["--data", "s3://b/x", "--config", str(y), "--set", "train.steps=7", "--set", "cluster.num_workers=4"]
+    )
+    cfg = resolve("imagenet128", args)
+    assert (cfg.train.steps, cfg.train.seed, cfg.data.shards) == (7, 3, "s3://b/x")
+    plan = cluster_plan(cfg)
+    assert plan["workers"] == 4 and plan["grad_accumulation_steps"] == 2 and plan["images_per_d_step"] == 2048
+    assert plan["backend"] == "nccl" and plan["per_worker"]["GPU"] == 1
