@@ -201,7 +201,7 @@ class CheckpointStore:
             labels["healthy"] = sorted([*labels["healthy"], step])
             self._write_json(f"{self._root_path}/{LABELS_FILE}", labels)
 
-    def mark_best(self, step: int, score: float, metric: str = "fid") -> None:
+    def mark_best(self, step: int, score: float | None, metric: str = "fid") -> None:
         labels = self.labels()
         labels["best"] = {"step": step, metric: score, "metric": metric}
         self._write_json(f"{self._root_path}/{LABELS_FILE}", labels)

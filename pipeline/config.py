@@ -33,7 +33,7 @@ class ModelConfig:
     shared_dim: int = 128  # shared class-embedding size
     hier: bool = True  # skip-z: split z over G's blocks (BigGAN only)
     depth: int = 2  # blocks per resolution (BigGAN-deep only)
-    attention: int = 64  # resolution of the self-attention block; 0 = none
+    attention: int | None = None  # resolution of the self-attention block; None = the paper's; 0 = none
     bn_eps: float = 1e-5
     sn_eps: float = 1e-6
     num_sv_itrs: int = 1  # power iterations per training forward
@@ -110,6 +110,7 @@ class ClusterConfig:
     cpus_per_worker: int = 1
     storage_path: str = ""  # Ray Train storage (local path or s3://); "" = <output_dir>/ray
     max_failures: int = 3  # restarts of the worker group from the last checkpoint
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (one worker per node)
 
 
 @dataclass
@@ -181,6 +182,7 @@ CHOICES: dict[str, tuple] = {
     "optim.zero_stage": (0, 1),
     "loss.kind": ("hinge", "bce", "wgan-gp"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 MITIGATIONS = ("halve_lr", "double_r1", "reset_d_opt", "reseed_data")
 
@@ -293,7 +295,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
     non_negative = [
         "loss.r1_gamma", "loss.ortho_beta", "loss.gp_lambda", "tricks.instance_noise", "tricks.replay_size",
-        "model.num_classes", "train.keep_last", "cluster.max_failures", "health.max_rollbacks", "eval.every", "model.attention",
+        "model.num_classes", "train.keep_last", "cluster.max_failures", "health.max_rollbacks", "eval.every",
     ]
     for key in non_negative:
         if flat[key] < 0:
@@ -309,9 +311,9 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"train.global_batch: {cfg.train.global_batch} is not a multiple of data.batch_size x "
             f"cluster.num_workers = {per_step}; gradient accumulation needs a whole number of micro-steps"
         )
-    if cfg.model.attention and cfg.model.attention not in (0, 8, 16, 32, 64, 128, 256, 512):
+    if cfg.model.attention is not None and cfg.model.attention not in (0, 8, 16, 32, 64, 128, 256, 512):
         raise ConfigError(f"model.attention: {cfg.model.attention} is not a power-of-two resolution or 0")
-    if cfg.model.attention > cfg.model.resolution:
+    if (cfg.model.attention or 0) > cfg.model.resolution:
         raise ConfigError(
             f"model.attention: {cfg.model.attention} is above model.resolution {cfg.model.resolution}; use 0 for none"
         )

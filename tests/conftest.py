@@ -78,3 +78,13 @@ def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory):
+    """Real labelled images (scikit-learn's digits, 10 classes) as 32 px WebDataset shards, made once."""
+    from data_prep.make_shards import make_shards
+
+    out = tmp_path_factory.mktemp("digits-shards")
+    manifest = make_shards("digits", str(out), resolution=32, shard_size=300, workers=2, progress=False)
+    return str(out), manifest.num_classes

@@ -1,0 +1,6 @@
+"""Training data: shard sets written by data_prep, read as (images, labels) batches by `build_loader`."""
+
+from pipeline.data.loader import BACKENDS, ShardLoader, build_loader, pick_backend, read_manifest
+from pipeline.data.schedule import EpochPlan
+
+__all__ = ["BACKENDS", "EpochPlan", "ShardLoader", "build_loader", "pick_backend", "read_manifest"]

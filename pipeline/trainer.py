@@ -1,0 +1,485 @@
+"""The GAN trainer: D steps, then a G step, then the EMA update, then the health check.
+
+One `Trainer` lives on every data-parallel rank. It knows nothing about Ray: the orchestrator hands it the
+rank, the loader, the checkpoint store, the tracker and a `report` callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import models
+from models.regularization import orthogonal_penalty
+from models.spectral import first_layer_sigma0, sigma0s
+from pipeline import losses, tricks
+from pipeline.augment import diff_augment
+from pipeline.checkpoint import CheckpointInfo, CheckpointStore, rng_state, set_rng_state
+from pipeline.config import RunConfig, grad_accumulation_steps
+from pipeline.ema import EMA
+from pipeline.engines import build_engines, use_bf16
+from pipeline.health import HealthMonitor, apply_mitigation
+from pipeline.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+SAMPLE_CLASSES = 10  # classes in the fixed sample grid
+SAMPLES_PER_CLASS = 8
+
+
+def build_models(cfg: RunConfig):
+    m = cfg.model
+    common = {"sn_eps": m.sn_eps, "num_sv_itrs": m.num_sv_itrs}
+    if m.attention is not None:  # None: where the paper puts it for this arch and resolution
+        common["attention"] = m.attention
+    G = models.build_generator(
+        m.arch, m.resolution, m.num_classes, ch=m.g_ch, dim_z=m.dim_z, shared_dim=m.shared_dim,
+        hier=m.hier, depth=m.depth, bn_eps=m.bn_eps, **common,
+    )
+    D = models.build_discriminator(m.arch, m.resolution, m.num_classes, ch=m.d_ch, depth=m.depth, **common)
+    if m.d_head == "acgan":
+        D = tricks.ACGANDiscriminator(D)
+    return G, D
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        make_loader: Callable[..., object],
+        store: CheckpointStore,
+        tracker: Tracker,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+        class_names: list[str] | None = None,
+        report: Callable[[dict, CheckpointInfo | None], None] | None = None,
+        inject_collapse_at: int | None = None,
+    ):
+        self.cfg, self.make_loader, self.store, self.tracker = cfg, make_loader, store, tracker
+        self.device, self.rank, self.world_size = device, rank, world_size
+        self.class_names = class_names or [str(i) for i in range(cfg.model.num_classes)]
+        self.report = report or (lambda metrics, ckpt: None)
+        self.inject_collapse_at = inject_collapse_at
+        self.accum = grad_accumulation_steps(cfg)
+        self.dtype = torch.bfloat16 if use_bf16(cfg, device) else torch.float32
+        self.work_dir = Path(cfg.train.output_dir) / "work" / f"rank{rank}"
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+
+        torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+        G, D = build_models(cfg)
+        self.ema = EMA(G, cfg.ema.decay, cfg.ema.start_step)
+        self.g_engine, self.d_engine = build_engines(cfg, G, D, device, world_size)
+        self.G, self.D = self.g_engine.module, self.d_engine.module
+        self.noise = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank)
+        self.replay = tricks.ReplayBuffer(cfg.tricks.replay_size, cfg.tricks.replay_fraction, seed=cfg.train.seed + rank)
+        self.health = HealthMonitor(cfg.health)
+
+        self.step = 0  # G steps done
+        self.d_steps_done = 0
+        self.rollbacks = 0
+        self.rollback_log: list[tuple[int, int]] = []  # (from step, restored step)
+        self.injected = False
+        self.status = "running"
+        self.fail_once_at: tuple[int, Path] | None = None  # (step, flag file): a drill for worker restarts
+        self.base_r1_gamma = cfg.loss.r1_gamma
+        self.data_seed = cfg.train.seed
+        self.loader = None
+        self.open_loader(epoch=0, offset=0)
+        self.data_wait = 0.0
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+        self._sample_z, self._sample_y = self._fixed_samples()
+
+    # -- sampling ----------------------------------------------------------------------------------------------
+    def _fixed_samples(self):
+        gen = torch.Generator().manual_seed(1234)
+        classes = torch.arange(min(SAMPLE_CLASSES, self.cfg.model.num_classes))
+        y = classes.repeat_interleave(SAMPLES_PER_CLASS)
+        z = torch.randn(len(y), self.G.dim_z, generator=gen)
+        return z.to(self.device), y.to(self.device)
+
+    def sample_latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.randn(n, self.G.dim_z, generator=self.noise, device=self.device, dtype=self.dtype)
+        y = torch.randint(0, self.cfg.model.num_classes, (n,), generator=self.noise, device=self.device)
+        return z, y
+
+    def next_real(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t0 = time.perf_counter()
+        x, y = next(self.data)
+        self.data_wait += time.perf_counter() - t0
+        return x.to(self.device, self.dtype, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def d_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What D sees of any image, real or fake: DiffAugment, then instance noise (both off by default)."""
+        if self.cfg.data.diffaug:
+            x = diff_augment(x, self.cfg.data.diffaug)
+        std = tricks.instance_noise_std(self.step, self.cfg.tricks.instance_noise, self.cfg.tricks.instance_noise_decay_steps)
+        if std > 0:
+            x = tricks.add_instance_noise(x, std, self.noise)
+        return x
+
+    def d_forward(self, x: torch.Tensor, y: torch.Tensor):
+        """D's module, not its engine: the engine's output hooks break torch.autograd.grad (R1, WGAN-GP);
+        gradients still reach DeepSpeed, which reduces them in `d_engine.backward`."""
+        out = self.D(x, y)
+        return out if isinstance(out, tuple) else (out, None)
+
+    # -- one D step (accumulated over micro-batches) -------------------------------------------------------------
+    def d_step(self) -> None:
+        cfg = self.cfg.loss
+        r1_now = cfg.r1_gamma > 0 and self.d_steps_done % cfg.r1_interval == 0
+        for _ in range(self.accum):
+            x_real, y_real = self.next_real()
+            with torch.no_grad():
+                z, y_fake = self.sample_latents(x_real.shape[0])
+                x_fake = self.G(z, y_fake)
+            x_fake, y_fake = self.replay.mix(x_fake, y_fake)
+            x_real.requires_grad_(r1_now)
+            logits, class_logits = self.d_forward(
+                torch.cat([self.d_inputs(x_real), self.d_inputs(x_fake)]), torch.cat([y_real, y_fake])
+            )
+            real_logits, fake_logits = logits.float().split([x_real.shape[0], x_fake.shape[0]])
+            loss, parts = losses.d_loss(
+                cfg.kind, real_logits, fake_logits, label_smoothing=cfg.label_smoothing,
+                label_flip=cfg.label_flip, generator=self.noise,
+            )
+            if class_logits is not None:
+                ac = tricks.acgan_loss(class_logits.float(), torch.cat([y_real, y_fake]))
+                loss = loss + cfg.acgan_weight * ac
+                parts["d_acgan"] = ac.detach()
+            if r1_now:
+                r1 = losses.r1_penalty(real_logits, x_real)
+                # lazy regularization: applied every r1_interval D steps, scaled up by the interval
+                loss = loss + 0.5 * cfg.r1_gamma * cfg.r1_interval * r1
+                parts["r1"] = r1.detach()
+            if cfg.kind == "wgan-gp":
+                gp = losses.gradient_penalty(
+                    lambda x, y: self.d_forward(x, y)[0], x_real, x_fake, y_real, generator=None
+                )
+                loss = loss + cfg.gp_lambda * gp
+                parts["gp"] = gp.detach()
+            self.d_engine.backward(loss)
+            self.d_engine.step()
+            self.replay.push(x_fake.detach(), y_fake)
+            self._accumulate({"d_loss": loss.detach(), **parts, "d_real_logit": real_logits.detach().mean()})
+        self.d_steps_done += 1
+
+    # -- one G step, D frozen (STACK-NOTES GAN traps A and B) ----------------------------------------------------
+    def g_step(self) -> None:
+        self.D.requires_grad_(False)
+        for _ in range(self.accum):
+            z, y = self.sample_latents(self.cfg.data.batch_size)
+            x_fake = self.g_engine(z, y)
+            logits, class_logits = self.d_forward(self.d_inputs(x_fake), y)
+            loss = losses.g_loss(self.cfg.loss.kind, logits.float())
+            parts = {"g_loss": loss.detach()}
+            if class_logits is not None:
+                loss = loss + self.cfg.loss.acgan_weight * tricks.acgan_loss(class_logits.float(), y)
+            if self.cfg.loss.ortho_beta > 0:
+                ortho = orthogonal_penalty(self.G, beta=self.cfg.loss.ortho_beta)
+                loss = loss + ortho
+                parts["ortho"] = ortho.detach()
+            self.g_engine.backward(loss)
+            self.g_engine.step()
+            self._accumulate(parts)
+        self.D.requires_grad_(True)
+
+    def train_iteration(self) -> None:
+        for _ in range(self.cfg.loss.d_steps):
+            self.d_step()
+        self.g_step()
+        self.step += 1
+        self.ema.update(self.G, self.step)
+        if self.inject_collapse_at is not None and self.step == self.inject_collapse_at and not self.injected:
+            self.inject_collapse()
+
+    # -- metrics -----------------------------------------------------------------------------------------------
+    def _accumulate(self, values: dict[str, torch.Tensor]) -> None:
+        for k, v in values.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v.float()
+            self._sums[k + "__n"] = self._sums.get(k + "__n", 0.0) + 1.0
+
+    def _reduce(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Mean over ranks of a dict of scalar tensors, in one all-reduce; the only host sync of a log step."""
+        if not values:
+            return {}
+        keys = sorted(values)
+        t = torch.stack([torch.as_tensor(values[k], dtype=torch.float32, device=self.device) for k in keys])
+        if self.world_size > 1:
+            dist.all_reduce(t)
+            t /= self.world_size
+        return dict(zip(keys, t.tolist()))
+
+    def take_metrics(self) -> dict[str, float]:
+        means = {k: self._sums[k] / self._sums[k + "__n"] for k in self._sums if not k.endswith("__n")}
+        self._sums = {}
+        return self._reduce(means)
+
+    def spectral_signals(self) -> dict[str, torch.Tensor]:
+        g = {f"sigma0/G/{k}": v for k, v in sigma0s(self.G).items()}
+        d = {f"sigma0/D/{k}": v for k, v in sigma0s(self.D).items()}
+        return {**g, **d}
+
+    def grad_norms(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, module in (("G", self.G), ("D", self.D)):
+            grads = [p.grad.float().norm() for p in module.parameters() if p.grad is not None]
+            if grads:
+                out[f"grad_norm/{name}"] = torch.stack(grads).norm()
+        return out
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "d_steps_done": self.d_steps_done,
+            "rollbacks": self.rollbacks,
+            "ema": self.ema.state_dict(),
+            "data_position": self.loader.state(),
+            "data_seed": self.data_seed,
+            "r1_gamma": self.cfg.loss.r1_gamma,
+            "mlflow_run_id": self.tracker.run_id,
+            "health": self.health.state_dict(),
+            "config": self.cfg.to_dict(),
+            "class_names": self.class_names,
+        }
+
+    def rank_state(self) -> dict:
+        return {"rng": rng_state(), "noise": self.noise.get_state(), "replay": self.replay.state_dict()}
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def save_checkpoint(self, metrics: dict | None = None) -> CheckpointInfo | None:
+        staging = Path(tempfile.mkdtemp(prefix=f"ckpt-{self.step:08d}-", dir=self.work_dir))
+        try:
+            if self.rank == 0:
+                self.store.begin(self.step)
+            self.barrier()
+            self.g_engine.save_checkpoint(str(staging / "g"), tag="ckpt")
+            self.d_engine.save_checkpoint(str(staging / "d"), tag="ckpt")
+            torch.save(self.rank_state(), staging / f"rank{self.rank}.pt")
+            if self.rank == 0:
+                torch.save(self.trainer_state(), staging / "trainer.pt")
+                # a weights-only file for sampling and evaluation elsewhere: tensors, plain config and names
+                torch.save(
+                    {"g_ema_state": self.ema.state_dict(), "config": self.cfg.to_dict(), "class_names": self.class_names,
+                     "step": self.step},
+                    staging / "g_ema.pt",
+                )
+            self.store.publish(self.step, staging)
+            self.barrier()
+            info = None
+            if self.rank == 0:
+                info = self.store.commit(self.step, {
+                    "metrics": metrics or {}, "world_size": self.world_size, "mlflow_run_id": self.tracker.run_id,
+                })
+                self.store.apply_retention(self.cfg.train.keep_last)
+            self.barrier()
+            return info or self.store.get(self.step)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def open_loader(self, epoch: int, offset: int) -> None:
+        """(Re)start the data stream at a position, with the current data seed."""
+        if self.loader is not None and hasattr(self.loader, "close"):
+            self.loader.close()
+        self.loader = self.make_loader(epoch=epoch, offset=offset, seed=self.data_seed)
+        self.data = iter(self.loader)
+
+    def reseed_data(self, offset: int) -> None:
+        """Continue from the same data position with a different shuffling seed."""
+        self.data_seed = self.cfg.train.seed + 1000 * offset
+        self.open_loader(**self.loader.state())
+
+    def load_checkpoint(self, info: CheckpointInfo, restore_data: bool = True) -> None:
+        root = self.store.fetch(info, self.work_dir / "restore")
+        self.g_engine.load_checkpoint(str(root / "g"), tag="ckpt")
+        self.d_engine.load_checkpoint(str(root / "d"), tag="ckpt")
+        state = torch.load(root / "trainer.pt", map_location=self.device, weights_only=False)
+        self.step, self.d_steps_done = state["step"], state["d_steps_done"]
+        self.cfg.loss.r1_gamma, self.data_seed = state["r1_gamma"], state["data_seed"]
+        self.ema.load_state_dict(state["ema"])
+        self.health.load_state_dict(state["health"])
+        if self.tracker.run_id is None:
+            self.tracker.run_id = state["mlflow_run_id"]
+        rank_file = root / f"rank{self.rank}.pt"
+        if rank_file.exists():  # absent when the world size changed: fresh per-rank randomness
+            rs = torch.load(rank_file, map_location="cpu", weights_only=False)
+            set_rng_state(rs["rng"])
+            self.noise.set_state(rs["noise"].to(self.noise.get_state().device))
+            self.replay.load_state_dict(rs["replay"])
+        if restore_data:
+            self.open_loader(**state["data_position"])
+        log.info("rank %d: restored step %d from %s", self.rank, self.step, info.path)
+
+    # -- collapse drill and rollback -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def inject_collapse(self) -> None:
+        """Provoke a collapse on purpose: blow up G's first layer and D's learning rate."""
+        self.injected = True
+        self.G.linear.weight.mul_(25.0)
+        for group in self.d_engine.optimizer.param_groups:
+            group["lr"] *= 100.0
+        log.warning("rank %d: injected a collapse at step %d", self.rank, self.step)
+
+    def rollback(self, decision) -> bool:
+        """Restore the newest healthy checkpoint before the onset on every rank; False if there is none left."""
+        target = torch.tensor([-1], device=self.device)
+        if self.rank == 0:
+            found = self.store.newest_healthy(before=decision.onset_step + 1)
+            target[0] = found.step if found else -1
+        if self.world_size > 1:
+            dist.broadcast(target, src=0)
+        step = int(target.item())
+        if step < 0 or self.rollbacks >= self.cfg.health.max_rollbacks:
+            return False
+        from_step, rollbacks = self.step, self.rollbacks + 1
+        self.load_checkpoint(self.store.get(step))
+        self.rollbacks = rollbacks
+        self.rollback_log.append((from_step, step))
+        self.barrier()
+        if self.rank == 0:
+            self.store.forget_after(step)
+        self.barrier()
+        done = apply_mitigation(self, self.cfg.health.mitigation, self.rollbacks)
+        self.health.reset_after_rollback()
+        if self.rank == 0:
+            print(f"[health] rolled back from step {from_step} to {step}; mitigation: {', '.join(done)}", flush=True)
+        self.tracker.log_metrics({"rollbacks": self.rollbacks}, step=from_step)
+        self.tracker.log_text(
+            decision.explain() + f"\nrolled back from step {from_step} to step {step}\nmitigation: {done}\n",
+            f"rollbacks/rollback_{self.rollbacks:02d}_step_{from_step:08d}.txt",
+        )
+        self.tracker.set_tags({f"rollback.{self.rollbacks}": f"step {from_step} -> {step}: {decision.reason}"})
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def log_samples(self) -> None:
+        from pipeline.sample import save_grid
+
+        self.ema.model.eval()
+        with torch.no_grad():
+            images = self.ema.model(self._sample_z, self._sample_y).float().cpu()
+        path = self.work_dir / f"samples_{self.step:08d}.png"
+        save_grid(images, path, nrow=SAMPLES_PER_CLASS)
+        self.tracker.log_artifact(path, "samples")
+
+    def health_signals(self, losses_now: dict[str, float]) -> dict[str, float]:
+        """Everything the monitor judges, averaged over ranks in one all-reduce."""
+        spectral = self.spectral_signals()
+        g_first = first_layer_sigma0(self.G)
+        d_max = torch.stack([v.float() for k, v in spectral.items() if k.startswith("sigma0/D/")]).max()
+        variety = self.health.sample_variety(self.ema.model, self._sample_z, self._sample_y)
+        signals = self._reduce({"sigma0_g_first": g_first, "sigma0_d_max": d_max, "variety": variety})
+        return {**losses_now, **signals}
+
+    def check_health(self, losses_now: dict[str, float]):
+        decision = self.health.observe(self.step, self.health_signals(losses_now))
+        alarm = torch.tensor([1.0 if decision.alarm else 0.0], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(alarm, op=dist.ReduceOp.MAX)  # every rank takes the same decision
+        decision.alarm = bool(alarm.item())
+        if decision.alarm and not decision.reason:
+            decision.reason = "another rank raised the alarm"
+        self.tracker.log_metrics({"health/alarm": float(decision.alarm)}, step=self.step)
+        if decision.alarm:
+            self.tracker.log_text(decision.explain(), f"health/decision_{self.step:08d}.txt")
+        return decision
+
+    def fit(self) -> dict:
+        cfg = self.cfg.train
+        if self.rank == 0:
+            log.info("training from step %d to %d on %d worker(s)", self.step, cfg.steps, self.world_size)
+        start, last_log_t, last_log_step = time.time(), time.time(), self.step
+        metrics: dict[str, float] = {}
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            self.train_iteration()
+            step_time = time.perf_counter() - t0
+            self._maybe_fail_once()
+
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                metrics = self.take_metrics()
+                metrics.update(self._reduce(self.grad_norms()))
+                now = time.time()
+                iters = self.step - last_log_step
+                elapsed = max(now - last_log_t, 1e-9)
+                metrics["images_per_s"] = iters * cfg.global_batch * self.cfg.loss.d_steps / elapsed
+                metrics["step_time_s"] = elapsed / max(iters, 1)
+                metrics["data_wait_s"] = self.data_wait / max(iters, 1)
+                metrics["last_step_time_s"] = step_time
+                self.data_wait, last_log_t, last_log_step = 0.0, now, self.step
+                sig = {k: float(v) for k, v in self._reduce(self.spectral_signals()).items()}
+                self.tracker.log_metrics({**metrics, **sig}, step=self.step)
+                if self.rank == 0:
+                    eta = (cfg.steps - self.step) * metrics["step_time_s"]
+                    print(
+                        f"[step {self.step}/{cfg.steps}] {metrics['images_per_s']:.1f} img/s "
+                        f"d_real {metrics.get('d_loss_real', math.nan):.3f} d_fake {metrics.get('d_loss_fake', math.nan):.3f} "
+                        f"g {metrics.get('g_loss', math.nan):.3f} step {metrics['step_time_s']:.2f}s "
+                        f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}",
+                        flush=True,
+                    )
+
+            if self.cfg.health.enabled and self.step % self.cfg.health.every == 0:
+                decision = self.check_health(metrics if self.step % cfg.log_every == 0 else self.take_metrics_peek())
+                if decision.alarm:
+                    if self.rank == 0:
+                        print(f"[health] collapse at step {self.step}: {decision.reason}", flush=True)
+                    if not self.rollback(decision):
+                        self.status = "collapsed"
+                        break
+                    last_log_t, last_log_step = time.time(), self.step
+                    continue
+                for step in self.health.newly_healthy():
+                    if self.rank == 0:
+                        self.store.mark_healthy(step)
+
+            if self.rank == 0 and (self.step % cfg.sample_every == 0 or self.step == cfg.steps):
+                self.log_samples()
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                info = self.save_checkpoint(metrics)
+                self.health.checkpoint_saved(self.step)
+                self.report({**metrics, "step": self.step}, info)
+
+        if self.status == "running":
+            self.status = "finished"
+        if self.rank == 0:
+            healthy = self.store.newest_healthy()
+            if self.status == "collapsed" and healthy and not self.store.labels().get("best"):
+                self.store.mark_best(healthy.step, None, metric="newest_healthy")
+            best = self.store.labels().get("best")
+            self.tracker.set_tags({
+                "status": self.status,
+                "best_checkpoint": best["step"] if best else (healthy.step if healthy else "none"),
+            })
+            print(f"[{self.status}] step {self.step} in {time.time() - start:.0f}s", flush=True)
+        return {"status": self.status, "step": self.step, "rollbacks": self.rollbacks, "run_id": self.tracker.run_id}
+
+    def _maybe_fail_once(self) -> None:
+        """Kill this process (the last rank) once at the given step, as a crashed worker would die."""
+        if self.fail_once_at and self.step == self.fail_once_at[0] and self.rank == self.world_size - 1:
+            flag = self.fail_once_at[1]
+            if not flag.exists():
+                flag.parent.mkdir(parents=True, exist_ok=True)
+                flag.write_text(str(self.step))
+                log.error("rank %d: dying on purpose at step %d (BIGGAN_FAIL_ONCE_AT)", self.rank, self.step)
+                os._exit(1)
+
+    def take_metrics_peek(self) -> dict[str, float]:
+        """Loss means since the last log, without resetting them (health checks between log steps)."""
+        means = {k: self._sums[k] / self._sums[k + "__n"] for k in self._sums if not k.endswith("__n")}
+        return self._reduce(means)

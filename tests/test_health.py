@@ -1,0 +1,136 @@
+"""Collapse detection and automatic rollback."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline.config import HealthConfig
+from pipeline.health import HealthMonitor
+from tests.trainer_harness import make_trainer, tiny_config
+
+
+def _steady(mon: HealthMonitor, steps, **extra):
+    for s in steps:
+        d = mon.observe(s, {"sigma0_g_first": 1.0 + 0.01 * (s % 3), "sigma0_d_max": 2.0, "variety": 0.5,
+                            "d_loss_real": 0.6, "d_loss_fake": 0.6, "g_loss": 1.0, **extra})
+        assert not d.alarm, d.explain()
+
+
+def test_relative_rules_judge_against_the_runs_own_history():
+    mon = HealthMonitor(HealthConfig(min_history=5, sigma_ratio=3.0))
+    # a big absolute sigma0 is fine if it has always been big: rules are relative
+    for s in range(10):
+        assert not mon.observe(s, {"sigma0_g_first": 50.0 + s % 2, "d_loss_real": 0.5, "d_loss_fake": 0.5}).alarm
+    d = mon.observe(10, {"sigma0_g_first": 200.0, "d_loss_real": 0.5, "d_loss_fake": 0.5})
+    assert d.alarm and "sigma0_g_first" in d.reason and d.onset_step == 9
+    assert d.evidence["sigma0_g_first"]["trailing_median"] == pytest.approx(50.5)
+
+
+def test_no_alarm_before_enough_history():
+    mon = HealthMonitor(HealthConfig(min_history=5))
+    _steady(mon, range(3))
+    assert not mon.observe(3, {"sigma0_g_first": 100.0}).alarm
+
+
+@pytest.mark.parametrize("signal, value, word", [
+    ("sigma0_d_max", 20.0, "sigma0_d_max"),
+    ("variety", 0.01, "variety"),
+])
+def test_d_sigma_jump_and_lost_variety_raise_alarms(signal, value, word):
+    mon = HealthMonitor(HealthConfig(min_history=5))
+    _steady(mon, range(10))
+    d = mon.observe(10, {"sigma0_g_first": 1.0, "sigma0_d_max": 2.0, "variety": 0.5, signal: value})
+    assert d.alarm and word in d.reason
+
+
+def test_non_finite_losses_raise_at_once():
+    mon = HealthMonitor(HealthConfig())
+    d = mon.observe(1, {"d_loss_real": math.nan, "g_loss": 1.0})
+    assert d.alarm and "non-finite" in d.reason and "d_loss_real" in d.reason
+
+
+def test_d_loss_near_zero_needs_patience():
+    mon = HealthMonitor(HealthConfig(d_loss_floor=0.05, d_loss_patience=3))
+    for s in range(2):
+        assert not mon.observe(s, {"d_loss_real": 0.01, "d_loss_fake": 0.01}).alarm
+    assert mon.observe(2, {"d_loss_real": 0.01, "d_loss_fake": 0.01}).alarm
+
+
+def test_checkpoint_becomes_healthy_after_a_quiet_window():
+    mon = HealthMonitor(HealthConfig(healthy_after=2, min_history=3))
+    _steady(mon, range(5))
+    mon.checkpoint_saved(5)
+    _steady(mon, [6])
+    assert mon.newly_healthy() == []
+    _steady(mon, [7])
+    assert mon.newly_healthy() == [5]
+    mon.checkpoint_saved(8)
+    assert mon.observe(9, {"sigma0_g_first": 99.0}).alarm  # an alarm inside the window: never healthy
+    _steady(mon, [10, 11, 12])
+    assert mon.newly_healthy() == []
+
+
+def test_state_round_trip():
+    mon = HealthMonitor(HealthConfig(min_history=3))
+    _steady(mon, range(6))
+    mon.checkpoint_saved(6)
+    other = HealthMonitor(HealthConfig(min_history=3))
+    other.load_state_dict(mon.state_dict())
+    assert other.observe(7, {"sigma0_g_first": 10.0}).alarm == mon.observe(7, {"sigma0_g_first": 10.0}).alarm
+
+
+# -- the trainer, for real ------------------------------------------------------------------------------------
+HEALTH = {"health.enabled": True, "health.every": 2, "health.min_history": 3, "health.healthy_after": 2,
+          "train.checkpoint_every": 4, "train.keep_last": 1}
+
+
+def test_injected_collapse_is_detected_and_rolled_back(tmp_path, digits_shards):
+    shards, n = digits_shards
+    cfg = tiny_config(tmp_path, shards, n, **HEALTH, **{"train.steps": 30})
+    trainer = make_trainer(cfg, tmp_path, inject_collapse_at=20)
+    result = trainer.fit()
+    assert result["status"] == "finished" and result["rollbacks"] == 1
+    assert trainer.injected and trainer.step == 30
+    # sigma0 is refreshed by the next training forward, so the check at 22 sees the jump; the last quiet
+    # check was at 20 (the onset), and checkpoint 16 had passed its quiet window (checks 18, 20) by then
+    assert trainer.rollback_log == [(22, 16)]
+    assert trainer.store.labels()["healthy"][:4] == [4, 8, 12, 16]
+    # health returned: checkpoints after the rollback became healthy again
+    assert max(trainer.store.labels()["healthy"]) >= 24
+    for group in trainer.d_engine.optimizer.param_groups:  # the injected D lr x100 is gone, then halved
+        assert group["lr"] == pytest.approx(cfg.optim.d_lr * 0.5)
+
+
+def test_nan_triggers_rollback(tmp_path, digits_shards):
+    shards, n = digits_shards
+    cfg = tiny_config(tmp_path, shards, n, **HEALTH, **{"train.steps": 14})
+    trainer = make_trainer(cfg, tmp_path)
+    assert trainer.fit()["rollbacks"] == 0
+    with torch.no_grad():
+        next(trainer.D.parameters()).fill_(float("nan"))
+    trainer.cfg.train.steps = 20
+    result = trainer.fit()
+    assert result["rollbacks"] == 1 and result["status"] == "finished"
+    assert all(torch.isfinite(p).all() for p in trainer.D.parameters())
+
+
+def test_rollbacks_exhausted_stop_cleanly_as_collapsed(tmp_path, digits_shards):
+    shards, n = digits_shards
+    cfg = tiny_config(tmp_path, shards, n, **HEALTH, **{"train.steps": 30, "health.max_rollbacks": 0})
+    trainer = make_trainer(cfg, tmp_path, inject_collapse_at=20)
+    result = trainer.fit()
+    assert result["status"] == "collapsed" and trainer.step == 22 and result["rollbacks"] == 0
+    labels = trainer.store.labels()
+    assert labels["best"]["step"] == max(labels["healthy"])  # the best checkpoint is marked for the user
+    assert labels["best"]["step"] in [c.step for c in trainer.store.list()]
+
+
+def test_healthy_run_of_hundreds_of_steps_never_rolls_back(tmp_path, digits_shards):
+    shards, n = digits_shards
+    cfg = tiny_config(tmp_path, shards, n, **{"health.enabled": True, "health.every": 5, "train.steps": 300,
+                                              "data.batch_size": 4, "train.global_batch": 4,
+                                              "train.checkpoint_every": 50, "train.log_every": 5})
+    trainer = make_trainer(cfg, tmp_path)
+    result = trainer.fit()
+    assert result == {**result, "status": "finished", "rollbacks": 0, "step": 300}

@@ -1,0 +1,100 @@
+"""The MLflow tracking server of k8s/base/mlflow.yaml, run for real: PostgreSQL backend store, artifacts proxied
+to S3 (moto), the manifest's own flags (tests/servers.py swaps only addresses, ports and the worker count)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from tests import servers
+from tests.servers import flag_value, http_status, mlflow_container
+
+# The fixtures of tests/servers.py, visible to this module's tests.
+postgres_server, s3_server, mlflow_pg_s3_server = servers.postgres_server, servers.s3_server, servers.mlflow_pg_s3_server
+
+pytestmark = pytest.mark.slow
+
+
+def test_server_flags_come_from_the_manifest(mlflow_pg_s3_server):
+    manifest = mlflow_container()
+    started = mlflow_pg_s3_server.command
+    manifest_args = [*manifest["command"], *manifest["args"]][2:]
+    # Every flag of the manifest is on the started command line, with the manifest's value unless it is an
+    # address, a port or the worker count.
+    local_only = {"--backend-store-uri", "--host", "--port", "--workers"}
+    for arg in manifest_args:
+        if arg.startswith("--") and arg not in local_only:
+            assert arg in started, f"{arg} of the manifest was not passed to the test server"
+            assert flag_value(started, arg) == flag_value(manifest_args, arg)
+    assert "--serve-artifacts" in started
+    assert flag_value(started, "--host") == "127.0.0.1"
+    assert flag_value(started, "--workers") == "1"
+    assert mlflow_pg_s3_server.uri.startswith("http://127.0.0.1:")
+
+
+def test_health_endpoint_answers_probes_with_any_host_header(mlflow_pg_s3_server):
+    # Kubelet probes send the pod IP as Host; /health must answer whatever it is.
+    assert http_status(mlflow_pg_s3_server.port, "/health", host_header="10.42.0.17:5000") == 200
+
+
+def test_in_cluster_service_name_is_an_allowed_host_and_others_are_not(mlflow_pg_s3_server):
+    path = "/ajax-api/2.0/mlflow/experiments/search?max_results=1"
+    port = mlflow_pg_s3_server.port
+    # Ray pods reach the server as http://biggan-mlflow:5000 (MLFLOW_TRACKING_URI in the Ray ConfigMap).
+    assert http_status(port, path, host_header="biggan-mlflow:5000") == 200
+    assert http_status(port, path, host_header="biggan-mlflow.biggan.svc.cluster.local:5000") == 200
+    assert http_status(port, path, host_header="localhost:5000") == 200  # kubectl port-forward
+    assert http_status(port, path, host_header="attacker.example.com") == 403
+
+
+def test_metrics_land_in_postgres_and_artifacts_in_s3(mlflow_pg_s3_server, monkeypatch):
+    import mlflow
+    import psycopg2
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    server = mlflow_pg_s3_server
+    # The client holds no S3 credentials: artifacts must go through the server's proxy.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    client = MlflowClient(tracking_uri=server.uri)
+
+    experiment_id = client.create_experiment("k8s-manifest-check")
+    run = client.create_run(experiment_id, run_name="pg-s3")
+    run_id = run.info.run_id
+    client.log_param(run_id, "model.arch", "biggan")
+    for step, (d_loss, g_loss) in enumerate([(1.5, 0.9), (1.2, 1.1), (0.8, 1.4)]):
+        client.log_metric(run_id, "loss/d", d_loss, step=step)
+        client.log_metric(run_id, "loss/g", g_loss, step=step)
+    grid = Image.new("RGB", (64, 32), (200, 30, 30))
+    grid.paste((20, 20, 220), (32, 0, 64, 32))
+    client.log_image(run_id, grid, artifact_file="samples/grid_000002.png")
+    client.set_terminated(run_id)
+    assert client.get_run(run_id).info.artifact_uri.startswith("mlflow-artifacts:/")
+
+    # The backend store is PostgreSQL: the metrics and the param are rows there.
+    with psycopg2.connect(server.pg_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT key, step, value FROM metrics WHERE run_uuid = %s ORDER BY key, step", (run_id,))
+        rows = cur.fetchall()
+        cur.execute("SELECT key, value FROM params WHERE run_uuid = %s", (run_id,))
+        params = cur.fetchall()
+    assert rows == [("loss/d", 0, 1.5), ("loss/d", 1, 1.2), ("loss/d", 2, 0.8),
+                    ("loss/g", 0, 0.9), ("loss/g", 1, 1.1), ("loss/g", 2, 1.4)]
+    assert params == [("model.arch", "biggan")]
+
+    # The artifact store is the bucket of --artifacts-destination: the PNG is an object there.
+    s3 = server.s3_client()
+    listing = s3.list_objects_v2(Bucket=server.bucket, Prefix=server.artifacts_prefix)
+    keys = [obj["Key"] for obj in listing.get("Contents", [])]
+    (key,) = [k for k in keys if k.endswith(f"{run_id}/artifacts/samples/grid_000002.png")]
+    assert key.startswith(f"{server.artifacts_prefix}/{experiment_id}/")
+    stored = Image.open(io.BytesIO(s3.get_object(Bucket=server.bucket, Key=key)["Body"].read()))
+    assert stored.size == (64, 32) and stored.convert("RGB").getpixel((40, 10)) == (20, 20, 220)
+
+    # And it reads back through the tracking server, as the UI does.
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="samples/grid_000002.png",
+                                                tracking_uri=server.uri)
+    assert Image.open(local).size == (64, 32)

@@ -1,0 +1,127 @@
+"""Spectral norm: sigma0 is the top singular value, free to read, and eval mode matches torch's SN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import build_discriminator, build_generator
+from models.spectral import SNConv2d, SNEmbedding, SNLinear, SpectralNorm, first_layer_sigma0, sigma0s
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _top_sv(layer: SpectralNorm) -> torch.Tensor:
+    return torch.linalg.svdvals(layer.weight.detach().flatten(1).double())[0].float()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SNLinear(40, 24),
+        lambda: SNConv2d(6, 10, kernel_size=3, padding=1),
+        lambda: SNEmbedding(12, 7),
+    ],
+    ids=["linear", "conv", "embedding"],
+)
+def test_sigma0_converges_to_the_top_singular_value(make):
+    torch.manual_seed(0)
+    layer = make()
+    with torch.no_grad():
+        layer.weight.normal_(0, 1.0)  # a random spectrum, not the flat one of orthogonal init
+    x = torch.randint(0, 12, (3,)) if isinstance(layer, SNEmbedding) else (
+        torch.randn(3, 6, 5, 5) if isinstance(layer, SNConv2d) else torch.randn(3, 40))
+    layer.train()
+    first = layer.sigma0.clone()
+    for _ in range(200):
+        layer(x)
+    assert not torch.equal(first, layer.sigma0)
+    torch.testing.assert_close(layer.sigma0, _top_sv(layer), rtol=1e-4, atol=0)
+    # The normalized weight then has spectral norm 1.
+    w_sn = layer.normalized_weight().detach().flatten(1)
+    assert torch.linalg.svdvals(w_sn)[0] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_every_layer_of_a_model_reports_its_top_singular_value():
+    torch.manual_seed(0)
+    G = build_generator("biggan-deep", 32, 4, ch=4, dim_z=8, shared_dim=8, num_sv_itrs=100)
+    with torch.no_grad():
+        for m in G.modules():
+            if isinstance(m, SpectralNorm):
+                m.weight.normal_()
+    G.train()
+    G(torch.randn(2, 8), torch.tensor([0, 3]))
+    sig = sigma0s(G)
+    assert "linear" in sig and len(sig) == sum(isinstance(m, SpectralNorm) for m in G.modules())
+    modules = dict(G.named_modules())
+    for name, s in sig.items():
+        assert s.dim() == 0
+        torch.testing.assert_close(s, _top_sv(modules[name]), rtol=2e-3, atol=0, msg=name)
+    assert first_layer_sigma0(G) is G.linear.sigma0
+
+
+def test_sigma0_is_a_buffer_read_without_computation():
+    D = build_discriminator("biggan", 32, 3, ch=8)
+    sig = sigma0s(D)
+    state = D.state_dict()
+    for name, s in sig.items():
+        assert s is dict(D.named_buffers())[f"{name}.sigma0"]
+        assert f"{name}.sigma0" in state
+    assert "embed" in sig and "linear" in sig  # projection head layers are SN'd too
+
+
+def test_eval_mode_uses_stored_vectors_without_updating_them():
+    torch.manual_seed(0)
+    conv = SNConv2d(4, 6)
+    with torch.no_grad():
+        conv.weight.normal_()
+    conv.train()
+    conv(torch.randn(1, 4, 5, 5))
+    conv.eval()
+    before = {k: v.clone() for k, v in conv.named_buffers()}
+    x = torch.randn(2, 4, 5, 5)
+    out = conv(x)
+    for k, v in conv.named_buffers():
+        assert torch.equal(v, before[k]), k
+    sigma = torch.dot(conv.u, conv.weight.flatten(1) @ conv.v)
+    torch.testing.assert_close(out, F.conv2d(x, conv.weight / sigma, conv.bias, padding=1))
+
+
+def test_eval_mode_matches_torch_spectral_norm():
+    torch.manual_seed(0)
+    ref = torch.nn.utils.spectral_norm(torch.nn.Linear(9, 5))
+    ref.train()
+    ref(torch.randn(2, 9))  # one power iteration so u, v are non-trivial
+    ref.eval()
+    ours = SNLinear(9, 5).eval()
+    with torch.no_grad():
+        ours.weight.copy_(ref.weight_orig)
+        ours.bias.copy_(ref.bias)
+        ours.u.copy_(ref.weight_u)
+        ours.v.copy_(ref.weight_v)
+    x = torch.randn(4, 9)
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_gradient_flows_through_sigma():
+    # W / sigma(W) is invariant to scaling W, so its gradient is orthogonal to W (Euler's theorem);
+    # with sigma detached from W's graph it would not be.
+    torch.manual_seed(0)
+    lin = SNLinear(6, 6, bias=False, num_itrs=50)
+    with torch.no_grad():
+        lin.weight.normal_()
+    lin.train()
+    lin(torch.randn(1, 6))
+    lin.num_itrs = 1
+    x = torch.randn(8, 6)
+    lin(x).pow(2).sum().backward()
+    g = lin.weight.grad
+    assert g.norm() > 0
+    assert torch.sum(g * lin.weight.detach()).abs() < 1e-4 * g.norm() * lin.weight.norm()

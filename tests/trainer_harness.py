@@ -1,0 +1,67 @@
+"""Build a real Trainer in this process (world size 1, gloo on 127.0.0.1) on small real shards."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from pipeline import config as C
+from pipeline.checkpoint import CheckpointStore
+from pipeline.data import build_loader
+from pipeline.presets import get_preset
+from pipeline.tracking import Tracker
+from pipeline.trainer import Trainer
+from tests.conftest import free_port
+
+
+def init_single_process_group() -> None:
+    if not dist.is_initialized():
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(free_port())
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+        dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def tiny_config(tmp_path, shards: str, num_classes: int, **overrides) -> C.RunConfig:
+    cfg = get_preset("demo")
+    cfg.data.shards = shards
+    cfg.model.num_classes = num_classes
+    cfg.model.g_ch, cfg.model.d_ch, cfg.model.dim_z, cfg.model.shared_dim = 4, 4, 16, 8
+    cfg.data.batch_size, cfg.train.global_batch, cfg.cluster.num_workers = 8, 8, 1
+    cfg.data.backend = "wds"
+    cfg.train.output_dir = str(tmp_path / "out")
+    cfg.train.log_every, cfg.train.sample_every, cfg.train.checkpoint_every = 2, 1000, 1000
+    cfg.health.enabled = False
+    C.apply_overrides(cfg, [f"{k}={v}" for k, v in overrides.items()])
+    return C.validate(cfg)
+
+
+def make_trainer(cfg: C.RunConfig, tmp_path, tracker: Tracker | None = None, **kwargs) -> Trainer:
+    init_single_process_group()
+
+    def make_loader(epoch: int, offset: int, seed: int):
+        return build_loader(cfg.data.shards, batch_size=cfg.data.batch_size, backend=cfg.data.backend, seed=seed,
+                            resolution=cfg.model.resolution, start_epoch=epoch, start_offset=offset, device="cpu",
+                            flip=cfg.data.flip)
+
+    return Trainer(
+        cfg, make_loader=make_loader, store=CheckpointStore(str(tmp_path / "ckpt")),
+        tracker=tracker or Tracker("", "", "", enabled=False), device=torch.device("cpu"), **kwargs,
+    )
+
+
+def state_fingerprint(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every number a resumed run must reproduce: weights, buffers, EMA, optimizer moments."""
+    out = {}
+    for prefix, module in (("G", trainer.G), ("D", trainer.D), ("EMA", trainer.ema.model)):
+        for k, v in module.state_dict().items():
+            out[f"{prefix}.{k}"] = v.detach().clone()
+    for prefix, engine in (("optG", trainer.g_engine), ("optD", trainer.d_engine)):
+        opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        for i, state in enumerate(opt.state.values()):
+            for k, v in state.items():
+                if torch.is_tensor(v):
+                    out[f"{prefix}.{i}.{k}"] = v.detach().clone()
+    return out
