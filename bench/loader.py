@@ -25,9 +25,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_prep.make_shards import init_ray, make_shards  # noqa: E402
+from data_prep.make_shards import make_shards  # noqa: E402
 from pipeline.data import build_loader  # noqa: E402
 from pipeline.data.backends import dali_available  # noqa: E402
+from pipeline.ray_local import init_ray  # noqa: E402
 
 
 def write_source(root: Path, n: int, classes: int = 10, size: tuple[int, int] = (320, 240)) -> None:

@@ -45,15 +45,18 @@ def run(argv: list[str]) -> int:
         args.data = DEFAULT_DATA
     if not (args.dry_run or args.print_config) and "://" not in args.data:
         prepare_data(args.data)
+    from pipeline.tracking import default_tracking_uri
+
+    uri = default_tracking_uri()  # decided before training: Ray may change the working directory
     code = main(PRESET, argv)
     if code == 0 and not (args.dry_run or args.print_config):
-        print(
-            "\n[demo] done. Look at the run in MLflow:\n"
-            f"  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri sqlite:///{Path.cwd() / 'mlflow.db'}"
-            " --host 127.0.0.1\n  then open http://127.0.0.1:5000 (experiment 'biggan': metrics, sample grids, config)\n"
-            "  checkpoints and sample PNGs are under runs/<run name>/",
-            flush=True,
-        )
+        if uri.startswith("http"):
+            where = f"  open {uri} (experiment 'biggan': metrics, sample grids, config)"
+        else:
+            where = (f"  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri} --host 127.0.0.1\n"
+                     "  then open http://127.0.0.1:5000 (experiment 'biggan': metrics, sample grids, config)")
+        print(f"\n[demo] done. Look at the run in MLflow:\n{where}\n"
+              "  checkpoints and sample PNGs are under runs/<run name>/", flush=True)
     return code
 
 

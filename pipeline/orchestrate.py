@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import ConfigError, RunConfig, from_dict
+from pipeline.ray_local import init_ray
 from pipeline.tracking import default_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -60,30 +61,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join RAY_ADDRESS if set; otherwise start an embedded Ray that listens on loopback only."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(
-        address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
-        log_to_driver=True, runtime_env={"env_vars": _worker_env()},
-    )
-
-
-def _worker_env() -> dict[str, str]:
-    keep = ("MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
-            "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "BIGGAN_FAIL_ONCE_AT")
-    env = {k: os.environ[k] for k in keep if k in os.environ}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))
-    return env
-
-
 def run_training(cfg: RunConfig, inject_collapse_at: int | None = None) -> dict:
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
@@ -92,7 +69,7 @@ def run_training(cfg: RunConfig, inject_collapse_at: int | None = None) -> dict:
 
     cfg = finalize(cfg)
     paths = run_paths(cfg)
-    init_ray(num_cpus=None)
+    init_ray()
     job_id = os.environ.get("RAY_JOB_SUBMISSION_ID") or ray.get_runtime_context().get_job_id()
     print(f"[run] {cfg.tracking.run_name}: checkpoints {paths['checkpoints']}, tracking {cfg.tracking.tracking_uri}", flush=True)
     trainer = TorchTrainer(
@@ -164,13 +141,13 @@ def worker_main(config: dict) -> None:
     tracker = Tracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name, run_id=run_id,
                       enabled=rank == 0, retries=cfg.tracking.retries)
 
-    def report(metrics: dict, info) -> None:
+    def report(metrics: dict, info, status: str = "running") -> None:
         with tempfile.TemporaryDirectory() as tmp:
             # Ray Train records each committed checkpoint by reference: the data stays in our store
             pointer = {"store": paths["checkpoints"], "step": info.step if info else None, "run_name": cfg.tracking.run_name}
             Path(tmp, "pointer.json").write_text(json.dumps(pointer))
             ray.train.report(
-                {**{k: v for k, v in metrics.items() if isinstance(v, int | float)}, "status": "running",
+                {**{k: v for k, v in metrics.items() if isinstance(v, int | float)}, "status": status,
                  "mlflow_run_id": tracker.run_id or ""},
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
             )
@@ -202,4 +179,4 @@ def worker_main(config: dict) -> None:
         if rank == 0:
             tracker.set_status("FINISHED" if trainer.status in ("finished", "collapsed") else "FAILED")
             tracker.close()
-    ray.train.report({**result, "status": trainer.status, "mlflow_run_id": tracker.run_id or ""})
+    report(result, store.latest(), status=trainer.status)  # the run's outcome is the last report Ray keeps

@@ -81,12 +81,36 @@ def _is_mlflow_uri(source: str) -> bool:
     return source.startswith(("models:/", "runs:/"))
 
 
+def _resolve_model_uri(uri: str, tracking_uri: str | None) -> str:
+    """models:/NAME/VERSION, models:/NAME@ALIAS or models:/NAME/latest -> the version's artifact location.
+
+    NOTE: resolved here with an explicit client because mlflow's models:/ download ignores a registry URI
+    passed per call and reads the process-global one.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    ref, _, subpath = uri.removeprefix("models:/").partition("/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias).version
+    else:
+        name, (version, _, subpath) = ref, subpath.partition("/")
+        if version == "latest":
+            version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        elif not version.isdigit():
+            raise ValueError(f"{uri}: give models:/NAME/VERSION, models:/NAME@ALIAS or models:/NAME/latest")
+    location = client.get_model_version_download_uri(name, str(version))
+    return f"{location.rstrip('/')}/{subpath}" if subpath else location
+
+
 def _download(uri: str, dst: Path, tracking_uri: str | None) -> Path:
     import mlflow.artifacts
 
+    if uri.startswith("models:/"):
+        uri = _resolve_model_uri(uri, tracking_uri)
     # NOTE: the URIs are passed per call, so sampling never changes the process's global MLflow state
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri,
-                                                    registry_uri=tracking_uri))
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri))
 
 
 def _checkpoint_file(path: Path) -> Path:

@@ -139,7 +139,7 @@ class Trainer:
     def d_step(self) -> None:
         cfg = self.cfg.loss
         r1_now = cfg.r1_gamma > 0 and self.d_steps_done % cfg.r1_interval == 0
-        for _ in range(self.accum):
+        for micro in range(self.accum):
             x_real, y_real = self.next_real()
             with torch.no_grad():
                 z, y_fake = self.sample_latents(x_real.shape[0])
@@ -170,7 +170,7 @@ class Trainer:
                 loss = loss + cfg.gp_lambda * gp
                 parts["gp"] = gp.detach()
             self.d_engine.backward(loss)
-            self.d_engine.step()
+            self._step_engine(self.d_engine, "D", last=micro == self.accum - 1)
             self.replay.push(x_fake.detach(), y_fake)
             self._accumulate({"d_loss": loss.detach(), **parts, "d_real_logit": real_logits.detach().mean()})
         self.d_steps_done += 1
@@ -178,7 +178,7 @@ class Trainer:
     # -- one G step, D frozen (STACK-NOTES GAN traps A and B) ----------------------------------------------------
     def g_step(self) -> None:
         self.D.requires_grad_(False)
-        for _ in range(self.accum):
+        for micro in range(self.accum):
             z, y = self.sample_latents(self.cfg.data.batch_size)
             x_fake = self.g_engine(z, y)
             logits, class_logits = self.d_forward(self.d_inputs(x_fake), y)
@@ -191,9 +191,23 @@ class Trainer:
                 loss = loss + ortho
                 parts["ortho"] = ortho.detach()
             self.g_engine.backward(loss)
-            self.g_engine.step()
+            self._step_engine(self.g_engine, "G", last=micro == self.accum - 1)
             self._accumulate(parts)
         self.D.requires_grad_(True)
+
+    def _step_engine(self, engine, name: str, last: bool) -> None:
+        """engine.step(), and on iterations that get logged, the gradient norm at the accumulation boundary."""
+        if not (last and (self.step + 1) % self.cfg.train.log_every == 0):
+            engine.step()
+            return
+        # ZeRO 0 leaves the averaged gradients on the parameters until its step; ZeRO 1 computes the norm itself
+        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        if norm is None and grads:
+            norm = torch.stack(grads).norm()
+        if norm is not None:
+            self._accumulate({f"grad_norm/{name}": torch.as_tensor(norm, dtype=torch.float32, device=self.device)})
 
     def train_iteration(self) -> None:
         for _ in range(self.cfg.loss.d_steps):
@@ -230,14 +244,6 @@ class Trainer:
         g = {f"sigma0/G/{k}": v for k, v in sigma0s(self.G).items()}
         d = {f"sigma0/D/{k}": v for k, v in sigma0s(self.D).items()}
         return {**g, **d}
-
-    def grad_norms(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, module in (("G", self.G), ("D", self.D)):
-            grads = [p.grad.float().norm() for p in module.parameters() if p.grad is not None]
-            if grads:
-                out[f"grad_norm/{name}"] = torch.stack(grads).norm()
-        return out
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -413,7 +419,6 @@ class Trainer:
 
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 metrics = self.take_metrics()
-                metrics.update(self._reduce(self.grad_norms()))
                 now = time.time()
                 iters = self.step - last_log_step
                 elapsed = max(now - last_log_t, 1e-9)

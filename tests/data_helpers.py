@@ -164,10 +164,10 @@ def write_id_shards(out: Path, counts: list[int], num_classes: int = 5, resoluti
 
 @contextlib.contextmanager
 def local_ray(num_cpus: int = 2) -> Iterator[None]:
-    """Embedded Ray on 127.0.0.1 (the loopback settings of data_prep.make_shards.init_ray), stopped on exit."""
+    """Embedded Ray on 127.0.0.1 (the loopback settings of pipeline.ray_local.init_ray), stopped on exit."""
     import ray
 
-    from data_prep.make_shards import init_ray
+    from pipeline.ray_local import init_ray
 
     started = init_ray(num_cpus, object_store_mb=128)
     try:

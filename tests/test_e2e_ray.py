@@ -24,7 +24,9 @@ TINY = ["--set", "model.g_ch=4", "--set", "model.d_ch=4", "--set", "model.dim_z=
 
 def _env() -> dict:
     return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-            "DS_ACCELERATOR": "cpu"}
+            "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo",
+            # the job's `python` is whatever PATH the cluster was started with: this venv's
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
 @pytest.fixture(scope="module")
@@ -36,25 +38,27 @@ def ray_cluster(tmp_path_factory):
         subprocess.run([RAY, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
                         f"--dashboard-port={dash}", "--include-dashboard=true", *common],
                        check=True, env=_env(), capture_output=True, timeout=120)
-        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", *common],
+        subprocess.run([sys.executable, str(ROOT / "tests" / "ray_start_loopback.py"), "start",
+                        f"--address=127.0.0.1:{port}", *common],
                        check=True, env=_env(), capture_output=True, timeout=120)
-        status = subprocess.run([RAY, "status", f"--address=127.0.0.1:{port}"], env=_env(), capture_output=True,
-                                text=True, timeout=60)
-        assert "2 node" in status.stdout or status.stdout.count("node_") >= 2, status.stdout
+        deadline = time.time() + 60
+        while len(_alive_node_addresses(f"127.0.0.1:{port}")) < 2 and time.time() < deadline:
+            time.sleep(2)
         yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
     finally:
         subprocess.run([RAY, "stop", "--force"], env=_env(), capture_output=True, timeout=120)
 
 
-def _nodes_on_loopback(gcs: str) -> set[str]:
-    code = (f"import ray, json; ray.init(address='{gcs}'); "
-            "print(json.dumps(sorted({n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']})))")
+def _alive_node_addresses(gcs: str) -> list[str]:
+    code = (f"import ray, json; ray.init(address='{gcs}', logging_level='ERROR'); "
+            "print(json.dumps([n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']]))")
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
-    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def submit(cluster, args: list[str], env_vars: dict, timeout: int = 420) -> subprocess.CompletedProcess:
-    runtime_env = {"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **env_vars}}
+    runtime_env = {"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                                "GLOO_SOCKET_IFNAME": "lo", **env_vars}}
     cmd = [RAY, "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(ROOT),
            "--runtime-env-json", json.dumps(runtime_env), "--", "python", *args]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -67,7 +71,7 @@ def _run(client: MlflowClient, name: str):
 
 
 def test_job_submit_on_two_nodes_is_tracked(ray_cluster, mlflow_server, digits_shards, tmp_path):
-    assert _nodes_on_loopback(ray_cluster["gcs"]) == {"127.0.0.1"}
+    assert _alive_node_addresses(ray_cluster["gcs"]) == ["127.0.0.1", "127.0.0.1"]
     shards, _ = digits_shards
     name = f"e2e-two-node-{int(time.time())}"
     job = submit(ray_cluster, ["launch/demo.py", "--data", shards, *TINY, "--set", "train.steps=8",

@@ -30,6 +30,15 @@ from pipeline.metrics import (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_intra_op_thread():
+    """Small CPU workloads: one thread is as fast as two here and far faster when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # -- independent references ---------------------------------------------------------------------------------
 def fid_pytorch_fid_style(mu1, s1, mu2, s2, eps=1e-6):
     """The formula pytorch-fid / TTUR use: scipy's general matrix square root of the product."""
@@ -358,3 +367,25 @@ def test_truncation_sweep_evaluates_each_threshold_and_plots_png(tmp_path):
     fid_only = [{k: v for k, v in r.items() if not k.startswith("is_")} for r in results]
     with Image.open(plot_truncation_sweep(fid_only, tmp_path / "fid_only.png")) as im:
         assert im.format == "PNG"
+
+
+def test_evaluate_generator_runs_a_biggan_generator_with_the_dataset_classifier(tmp_path):
+    """The trainer's path on real components: BigGAN G (after standing stats), classifier features."""
+    models = pytest.importorskip("models")
+    from models.sampling import standing_stats
+    from pipeline.metrics import ClassifierExtractor, train_classifier
+
+    g = torch.Generator().manual_seed(0)
+    real = (torch.rand(200, 3, 32, 32, generator=g) * 2 - 1) * 0.5
+    labels = torch.arange(200) % 4
+    real[:, 0] += labels.view(-1, 1, 1).float() * 0.1  # a little class signal
+    ex = ClassifierExtractor(train_classifier(real, labels, 4, epochs=1, width=8, feature_dim=16))
+    ref = reference_stats([(real[:100], labels[:100]), (real[100:], labels[100:])], ex,
+                          reference_stats_path(tmp_path, ex, 32, 200))
+    torch.manual_seed(0)
+    G = models.build_generator("biggan", 32, 4, ch=4, dim_z=32, shared_dim=8, attention=0)
+    standing_stats(G, num_passes=2, batch_size=16)
+    out = evaluate_generator(G, num_classes=4, dim_z=G.dim_z, num_samples=64, batch_size=32, extractor=ex,
+                             ref_stats=ref, truncation=1.0, device="cpu", seed=0)
+    assert set(out) == {"fid", "is_mean", "is_std", "precision", "recall"}
+    assert all(math.isfinite(v) for v in out.values()) and out["fid"] > 0

@@ -17,6 +17,7 @@ from pipeline.metrics import (
     frechet_distance,
     inception_score,
     load_classifier,
+    load_or_train_classifier,
     save_classifier,
     train_classifier,
 )
@@ -109,6 +110,20 @@ def test_cas_of_class_faithful_samples_is_close_to_the_real_classifier(digits, r
     assert good["cas"] > good["real_accuracy"] - 0.1
     bad = classification_accuracy_score(NoiseGenerator(), dim_z=64, **kwargs)
     assert set(bad) == {"cas"} and bad["cas"] < 0.3  # chance is 0.1
+
+
+def test_load_or_train_trains_once_then_reuses_the_file(digits, tmp_path):
+    x, y, x_test, y_test = digits
+    calls = []
+
+    def data():
+        calls.append(1)
+        return x[:300], y[:300]
+
+    first = load_or_train_classifier(tmp_path / "clf.pt", data, 10, epochs=1)
+    second = load_or_train_classifier(tmp_path / "clf.pt", data, 10, epochs=1)
+    assert len(calls) == 1
+    torch.testing.assert_close(first(x_test[:8]), second(x_test[:8]))
 
 
 def test_classifier_rejects_bad_inputs():

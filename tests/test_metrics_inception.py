@@ -227,7 +227,7 @@ def test_agrees_with_torch_fidelity_on_the_same_images_and_weights():
             pool, logits = theirs(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
         return pool, logits
 
-    (r_pool, r_logits), (f_pool, f_logits) = tf_features(real), tf_features(fake)
+    (r_pool, _), (f_pool, f_logits) = tf_features(real), tf_features(fake)
     o_pool, o_logits = ours.features_and_logits(fake)
     torch.testing.assert_close(o_pool, f_pool, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(o_logits, f_logits, atol=1e-2, rtol=1e-3)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +15,7 @@ from pipeline import sample
 from pipeline.config import RunConfig
 from pipeline.sample import class_grid, load_generator, save_grid, slerp
 
+ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["tshirt", "trouser", "pullover", "dress", "coat"]
 
 
@@ -81,11 +86,17 @@ def test_cli_renders_class_grid_and_interpolation_sheet_from_a_checkpoint(tmp_pa
     assert not np.array_equal(png(out)[2], first)
 
 
-def test_cli_accepts_a_folder_and_standing_stats_and_rejects_unknown_classes(tmp_path):
-    write_tiny_checkpoint(tmp_path / "ckpt" / "g_ema.pt") if (tmp_path / "ckpt").mkdir() is None else None
+def test_module_entry_point_accepts_a_folder_and_standing_stats_and_rejects_unknown_classes(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    write_tiny_checkpoint(tmp_path / "ckpt" / "g_ema.pt")
     out = tmp_path / "g.png"
-    assert sample.main(["--checkpoint", str(tmp_path / "ckpt"), "--per-class", "2", "--standing-stats", "2",
-                        "--out", str(out)]) == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.sample", "--checkpoint", str(tmp_path / "ckpt"), "--per-class", "2",
+         "--standing-stats", "2", "--out", str(out), "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out}" in done.stdout
     assert png(out)[1] == (2 * 34 + 2, 5 * 34 + 2)  # default: every class (up to 10)
     with pytest.raises(SystemExit):
         sample.main([str(tmp_path / "ckpt"), "--classes", "sandal", "--out", str(out)])

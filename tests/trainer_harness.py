@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -13,15 +14,15 @@ from pipeline.data import build_loader
 from pipeline.presets import get_preset
 from pipeline.tracking import Tracker
 from pipeline.trainer import Trainer
-from tests.conftest import free_port
 
 
 def init_single_process_group() -> None:
+    """A file rendezvous (no TCP store listening anywhere) and gloo pinned to the loopback interface."""
     if not dist.is_initialized():
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(free_port())
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "GLOO_SOCKET_IFNAME": "lo"})
+        store = tempfile.NamedTemporaryFile(prefix="pg-", delete=False).name
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
 
 
 def tiny_config(tmp_path, shards: str, num_classes: int, **overrides) -> C.RunConfig:

@@ -22,6 +22,7 @@ from pipeline.metrics.classifier import (
     SmallClassifier,
     accuracy,
     load_classifier,
+    load_or_train_classifier,
     save_classifier,
     train_classifier,
 )
@@ -43,7 +44,12 @@ from pipeline.metrics.inception_score import inception_score
 from pipeline.metrics.model_registry import register_best
 from pipeline.metrics.plots import plot_truncation_sweep
 from pipeline.metrics.precision_recall import precision_recall
-from pipeline.metrics.reference import ReferenceStats, compute_reference_stats, reference_stats, reference_stats_path
+from pipeline.metrics.reference import (
+    ReferenceStats,
+    compute_reference_stats,
+    reference_stats,
+    reference_stats_path,
+)
 
 __all__ = [
     "evaluate_generator",
@@ -74,6 +80,7 @@ __all__ = [
     "train_classifier",
     "save_classifier",
     "load_classifier",
+    "load_or_train_classifier",
     "accuracy",
     "register_best",
 ]

@@ -17,8 +17,10 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -180,6 +182,25 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu")
     model = SmallClassifier(ClassifierConfig(**payload["config"]))
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval()
+
+
+def load_or_train_classifier(
+    path: str | os.PathLike,
+    data: tuple[Tensor, Tensor] | Callable[[], tuple[Tensor, Tensor]],
+    num_classes: int,
+    *,
+    device: str | torch.device = "cpu",
+    **train_kwargs: Any,
+) -> SmallClassifier:
+    """The classifier saved at path, or one trained on data = (images, labels) (or a callable returning them,
+    called only when needed) and saved there. Keep it next to the data manifest, like reference statistics."""
+    if Path(path).is_file():
+        return load_classifier(path, device)
+    images, labels = data() if callable(data) else data
+    model = train_classifier(images, labels, num_classes, device=device, **train_kwargs)
+    save_classifier(model, path, train_images=int(images.shape[0]))
+    logger.info("trained dataset classifier on %d images -> %s", images.shape[0], path)
+    return model
 
 
 def weights_digest(model: nn.Module) -> str:

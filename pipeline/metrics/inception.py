@@ -345,7 +345,8 @@ class InceptionExtractor(FeatureExtractor):
         self.network = network.to(self.device).eval().requires_grad_(False)
         self.batch_size = batch_size
         self.source = source
-        self.has_logits = getattr(network, "fc_weight", True) is not None
+        # the state-dict network always has its fc layer; a TorchScript file only if it kept `output`
+        self.has_logits = not isinstance(network, _TorchScriptInception) or network.fc_weight is not None
 
     @classmethod
     def from_weights(cls, weights: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",

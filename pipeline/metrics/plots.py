@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,14 +20,18 @@ def plot_truncation_sweep(results: Sequence[dict[str, float]], path: str | os.Pa
 
     if not results:
         raise ValueError("no results to plot")
-    rows = sorted(results, key=lambda r: r["truncation"])
-    t = [r["truncation"] for r in rows]
+    # threshold 0 means no truncation, the weakest setting: draw it right of the largest threshold
+    finite = [r["truncation"] for r in results if r["truncation"] > 0]
+    none_x = max(finite) * 1.25 if finite else 1.0
+    rows = sorted(results, key=lambda r: r["truncation"] if r["truncation"] > 0 else math.inf)
+    t = [r["truncation"] if r["truncation"] > 0 else none_x for r in rows]
     fid = [r["fid"] for r in rows]
     has_is = all("is_mean" in r for r in rows)
     fig, axes = plt.subplots(1, 2 if has_is else 1, figsize=(10 if has_is else 5, 4), squeeze=False)
     ax = axes[0][0]
     ax.plot(t, fid, "o-", color="tab:blue", label="FID")
-    ax.set_xlabel("truncation threshold (0 = none)")
+    ax.set_xlabel("truncation threshold")
+    ax.set_xticks(t, [f"{r['truncation']:g}" if r["truncation"] > 0 else "none" for r in rows])
     ax.set_ylabel("FID (lower is better)", color="tab:blue")
     ax.set_title("metrics vs truncation")
     ax.grid(alpha=0.3)
@@ -38,7 +43,8 @@ def plot_truncation_sweep(results: Sequence[dict[str, float]], path: str | os.Pa
         trade = axes[0][1]
         trade.plot(is_mean, fid, "o-", color="tab:purple")
         for r in rows:
-            trade.annotate(f"{r['truncation']:g}", (r["is_mean"], r["fid"]), textcoords="offset points", xytext=(4, 4))
+            label = f"{r['truncation']:g}" if r["truncation"] > 0 else "none"
+            trade.annotate(label, (r["is_mean"], r["fid"]), textcoords="offset points", xytext=(4, 4))
         trade.set_xlabel("Inception Score")
         trade.set_ylabel("FID")
         trade.set_title("IS / FID trade-off (labels: threshold)")

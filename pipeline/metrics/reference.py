@@ -142,7 +142,10 @@ def _images_of(batch: Tensor | tuple | list | dict) -> Tensor:
         batch = batch.get("images", batch.get("image"))
     if isinstance(batch, (tuple, list)):
         batch = batch[0]
-    return torch.as_tensor(batch)
+    images = torch.as_tensor(batch)
+    if images.dtype == torch.uint8:  # 8-bit NCHW -> [-1, 1]
+        images = images.float() / 127.5 - 1.0
+    return images
 
 
 @torch.no_grad()
@@ -179,13 +182,15 @@ def reference_stats(
     extractor: FeatureExtractor,
     cache_path: str | os.PathLike,
     *,
-    max_images: int | None = None,  # stop after this many images (None = the whole iterable)
+    max_images: int | None = None,  # stop after this many images (None = the whole iterable; set it for endless loaders)
     keep_features: int = DEFAULT_KEEP_FEATURES,  # feature rows kept for precision/recall
     seed: int = 0,  # for the random subset of kept rows
 ) -> ReferenceStats:
     """Load the cached statistics at cache_path, or compute them from image_batches and cache them there.
 
     The iterable is not touched when the cache exists. A cache made with another extractor is an error.
+    Feed un-augmented images (no random flips or crops) in the same [-1, 1] range G produces; (images,
+    labels) tuples, {"images": ...} dicts and uint8 NCHW batches are accepted too.
     """
     if _exists(cache_path):
         ref = ReferenceStats.load(cache_path)

@@ -1,0 +1,60 @@
+"""Start or join Ray the same way everywhere: a cluster when RAY_ADDRESS is set, else an embedded local Ray
+that listens on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+PROJECT_PACKAGES = ("pipeline", "models", "data_prep")
+
+
+def init_ray(num_cpus: int | None = None, object_store_mb: int = 512) -> bool:
+    """Start embedded local Ray on loopback, or join RAY_ADDRESS; returns True if this call started Ray.
+
+    Left alone, Ray binds the machine's network address even when given _node_ip_address=127.0.0.1. With
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in the environment (read when `ray` is imported, here and by every
+    process Ray starts) it stays on loopback; the node address is checked after start. Gloo's sockets are
+    pinned to the loopback interface too (GLOO_SOCKET_IFNAME=lo), inherited by the local workers.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        import ray  # noqa: PLC0415
+
+        if ray.is_initialized():
+            return False
+        # a submitted job's runtime env (--working-dir) already ships this checkout; a driver that merely
+        # connects ships the project's packages itself
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        modules = [str(Path(REPO_ROOT) / p) for p in PROJECT_PACKAGES]
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=None if in_job else {"py_modules": modules},
+                 log_to_driver=True)
+        return True
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    import ray  # noqa: PLC0415
+    from ray._private import ray_constants  # noqa: PLC0415
+
+    if ray.is_initialized():
+        return False
+    # NOTE: if `ray` was imported before the variable was set, its copy of the constant is stale
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             object_store_memory=object_store_mb << 20, runtime_env=_runtime_env(), log_to_driver=True,
+             logging_level=logging.WARNING)
+    ips = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    if ips != {"127.0.0.1"}:
+        ray.shutdown()
+        raise RuntimeError(f"embedded Ray is not on loopback (node addresses {sorted(ips)})")
+    return True
+
+
+def _runtime_env() -> dict | None:
+    """Local workers start in the driver's working directory with its environment; only when neither puts
+    this checkout on the path do they need it set (a runtime env costs a fresh worker pool, seconds)."""
+    paths = [os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    if any(p and os.path.realpath(p) == os.path.realpath(REPO_ROOT) for p in paths):
+        return None
+    pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    return {"env_vars": {"PYTHONPATH": pythonpath}}

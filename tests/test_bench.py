@@ -1,0 +1,129 @@
+"""The benchmark harness: throughput.py end to end on a tiny CPU config, its FLOP counting, and scaling.py's
+all-reduce model and measurement (two gloo processes on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import scaling, throughput
+from tests.conftest import ROOT
+
+TINY = ["--device", "cpu", "--arch", "biggan", "--ch", "4", "--resolution", "32", "--batch", "4",
+        "--warmup", "1", "--iters", "2", "--images", "64", "--threads", "2"]
+
+
+def run_script(script: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo"}
+    return subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_throughput(tmp_path_factory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench") / "throughput.json"
+    proc = run_script("throughput.py", *TINY, "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_throughput_runs_trainer_and_bare_step_and_reports_every_field(tiny_throughput):
+    result, stdout = tiny_throughput
+    assert result["device_type"] == "cpu" and result["peak_mem_kind"] == "rss_high_water_mark"
+    (run,) = result["runs"]
+    a, b = run["a"], run["b"]
+    for side in (a, b):
+        assert side["images_per_s"] > 0 and side["iter_s"] > 0 and side["peak_mem"] > 0
+        assert side["images_per_s"] == pytest.approx(run["d_steps"] * run["batch"] / side["iter_s"])
+        assert side["mfu"] is None  # no peak known for a CPU unless --peak-tflops is given
+    assert run["ratio"] == pytest.approx(a["images_per_s"] / b["images_per_s"])
+    assert 0 <= a["data_wait"] < a["iter_s_mean"]
+    assert a["dtype"] == "float32" and a["loader_backend"] in ("dali-cpu", "wds")
+    # the trainer and the bare step do the same math on the same model
+    assert run["flops_per_iter"] > 0 and run["flops_per_iter_a"] == run["flops_per_iter"]
+    params = run["params"]
+    assert run["grad_bytes_per_iter"] == (2 * params["D"] + params["G"]) * 4
+    assert run["loader"]["images_per_s"] > 0
+    assert run["loader"]["ratio_to_a"] == pytest.approx(run["loader"]["images_per_s"] / a["images_per_s"])
+    assert "ratio (a)/(b)" in stdout and "MFU" in stdout
+
+
+def test_loader_only_compares_with_the_trainer_json(tiny_throughput, tmp_path):
+    result, _ = tiny_throughput
+    trainer_json = tmp_path / "trainer.json"
+    trainer_json.write_text(json.dumps(result))
+    out = tmp_path / "loader.json"
+    proc = run_script("throughput.py", "--loader-only", "--device", "cpu", "--resolution", "32", "--batch", "4",
+                      "--images", "64", "--trainer-json", str(trainer_json), "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lo = json.loads(out.read_text())["loader"]
+    assert lo["images_per_s"] > 0 and lo["resolution"] == 32
+    expected = lo["images_per_s"] / result["runs"][0]["a"]["images_per_s"]
+    assert lo["vs_trainer"]["biggan"]["ratio"] == pytest.approx(expected)
+
+
+def test_flop_count_of_a_linear_layer_matches_the_analytic_count():
+    batch, fan_in, fan_out = 8, 64, 32
+    layer = torch.nn.Linear(fan_in, fan_out)
+    x = torch.randn(batch, fan_in, requires_grad=True)
+    matmul = 2 * batch * fan_in * fan_out  # multiply-adds x 2
+    assert throughput.count_flops(lambda: layer(x)) == matmul
+    # backward: one matmul for the input's gradient, one for the weight's
+    assert throughput.count_flops(lambda: layer(x).sum().backward()) == 3 * matmul
+
+
+def test_ring_allreduce_model_gives_the_hand_computed_times():
+    gb, link_100g = 1e9, 100e9 / 8  # 1 GB of gradients; 100 Gb/s = 12.5 GB/s
+    # 4 nodes: 2 x 3/4 x 1 GB / 12.5 GB/s = 0.12 s
+    assert scaling.ring_allreduce_s(gb, 4, link_100g) == pytest.approx(0.12)
+    assert scaling.ring_allreduce_s(gb, 4, link_100g, latency_s=1e-5) == pytest.approx(0.12 + 6 * 1e-5)
+    assert scaling.ring_allreduce_s(gb, 1, link_100g) == 0.0
+    assert scaling.gbps_to_bytes(100) == link_100g
+    # 4 nodes x 8 GPUs at 100 GB/s inside a node: + 2 x 7/8 x 1 GB / 100 GB/s = 0.0175 s
+    t = scaling.cluster_allreduce_s(gb, 4, 8, link_100g, 100e9)
+    assert t == pytest.approx(0.1375)
+    assert scaling.efficiency(1.0, t) == pytest.approx(1 / 1.1375)
+    assert scaling.efficiency(1.0, t, overlap=True) == 1.0
+    rows = scaling.scaling_rows(1.0, gb, [1, 4], [100.0], 8, 100e9, latency_s=1e-5, collectives=3)
+    assert [r["nodes"] for r in rows] == [1, 4]
+    assert rows[0]["inter_s"] == 0.0 and rows[0]["allreduce_s"] == pytest.approx(0.0175)
+    assert rows[1]["inter_s"] == pytest.approx(0.12 + 3 * 6 * 1e-5)
+    assert rows[1]["compute_s_for_90pct"] == pytest.approx(9 * rows[1]["allreduce_s"])
+    measured = [{"bytes": 2**20, "busbw": 1.0}, {"bytes": 2**26, "busbw": 2.0}, {"bytes": 2**28, "busbw": 3.0}]
+    assert scaling.nearest_row(measured, 1e8)["bytes"] == 2**26  # 100 MB is nearer 64 MiB than 256 MiB
+
+
+def test_gloo_allreduce_between_two_local_processes_is_measured():
+    m = scaling.measure_allreduce(nproc=2, backend="gloo", sizes_mb=(0.25, 1), iters=2)
+    assert m["backend"] == "gloo" and m["nproc"] == 2
+    assert [r["bytes"] for r in m["rows"]] == [2**18, 2**20]
+    for r in m["rows"]:
+        assert r["seconds"] > 0 and math.isfinite(r["busbw"]) and r["busbw"] == pytest.approx(r["algbw"])
+    assert m["busbw"] == m["rows"][-1]["busbw"]
+
+
+def test_scaling_reads_compute_time_and_gradient_bytes_from_the_throughput_json(tiny_throughput, tmp_path, capsys):
+    result, _ = tiny_throughput
+    src, out = tmp_path / "throughput.json", tmp_path / "scaling.json"
+    src.write_text(json.dumps(result))
+    assert scaling.main(["--throughput-json", str(src), "--no-measure", "--intra-GBps", "10",
+                         "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    run = result["runs"][0]
+    assert data["workload"]["compute_s"] == run["a"]["iter_s"]
+    assert data["workload"]["grad_bytes"] == run["grad_bytes_per_iter"]
+    assert len(data["rows"]) == len(scaling.NODES) * len(scaling.LINKS_GBPS)
+    assert all(0 < r["efficiency"] <= 1 for r in data["rows"])
+    assert "eff overlap" in capsys.readouterr().out
+
+
+def test_paper_model_gradient_bytes_are_counted_on_the_meta_device():
+    params = scaling.model_params("biggan")
+    # the published BigGAN-128 sizes (ch 96): 70.4M G and 88.0M D parameters
+    assert params["G"] == pytest.approx(70.4e6, rel=0.01) and params["D"] == pytest.approx(88.0e6, rel=0.01)
