@@ -38,8 +38,9 @@ def prepare_data(out: str) -> None:
     )
 
 
-def run(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+def run(argv: list[str], preset: str = PRESET) -> int:
+    """Prepare the demo data if needed, then train `preset` (demo, dcgan-fmnist, wgan-gp-fmnist) on it."""
+    args = _build_parser(preset).parse_args(argv)
     if not args.data:
         argv = ["--data", DEFAULT_DATA, *argv]
         args.data = DEFAULT_DATA
@@ -48,7 +49,7 @@ def run(argv: list[str]) -> int:
     from pipeline.tracking import default_tracking_uri
 
     uri = default_tracking_uri()  # decided before training: Ray may change the working directory
-    code = main(PRESET, argv)
+    code = main(preset, argv)
     if code == 0 and not (args.dry_run or args.print_config):
         if uri.startswith("http"):
             where = f"  open {uri} (experiment 'biggan': metrics, sample grids, config)"

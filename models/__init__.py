@@ -12,6 +12,7 @@ Entry points:
 - ``models.pretrained``: ``load_biggan_deep(path)``.
 """
 
+from . import dcgan as _dcgan  # noqa: E402,F401  (registers "dcgan")
 from .config import OVERRIDE_KEYS, RESOLUTIONS, NetworkConfig
 from .registry import available_archs, build_discriminator, build_generator, register_arch
 

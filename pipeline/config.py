@@ -37,7 +37,9 @@ class ModelConfig:
     bn_eps: float = 1e-5
     sn_eps: float = 1e-6
     num_sv_itrs: int = 1  # power iterations per training forward
-    d_head: str = "projection"  # projection | acgan (auxiliary classifier)
+    d_head: str = "projection"  # projection | acgan (auxiliary classifier; dcgan)
+    d_norm: str = "batch"  # dcgan D normalization: batch | layer | none (WGAN-GP needs layer or none)
+    d_conditioning: str = "projection"  # dcgan D conditioning: projection | concat
 
 
 @dataclass
@@ -80,6 +82,7 @@ class TricksConfig:
     instance_noise_decay_steps: int = 10_000  # linear decay to 0 over this many steps
     replay_size: int = 0  # images kept from past G outputs; 0 = off
     replay_fraction: float = 0.5  # share of D's fake batch drawn from the replay buffer
+    z_dist: str = "normal"  # latent distribution: normal | uniform
 
 
 @dataclass
@@ -140,12 +143,18 @@ class HealthConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # G steps between evaluations; 0 = off
-    num_samples: int = 10_000
-    features: str = "inception"  # inception | classifier
+    every: int = 0  # G steps between evaluations (a multiple of train.checkpoint_every; also the last step); 0 = off
+    num_samples: int = 10_000  # generated images per evaluation
+    features: str = "inception"  # inception | classifier (a small CNN trained once on the shards)
     inception_weights: str = ""  # path; "" = $BIGGAN_INCEPTION_WEIGHTS
-    standing_stats_passes: int = 16
-    truncation: float = 0.0  # 0 = no truncation
+    standing_stats_passes: int = 16  # G forwards that set EMA G's batch-norm statistics before sampling; 0 = off
+    truncation: float = 0.0  # |z| threshold for evaluation samples; 0 = no truncation
+    batch_size: int = 64  # images per G forward and per feature-extractor batch
+    reference_images: int = 0  # real images for the reference statistics and the classifier; 0 = num_samples
+    pr_samples: int = 10_000  # feature rows per side compared for precision/recall
+    classifier_epochs: int = 8  # training passes of the dataset classifier (features=classifier)
+    truncation_sweep: str = ""  # thresholds evaluated at the end of training, e.g. "0.25,0.5,1.0,0" (0 = none); "" = off
+    register_model: str = "biggan-{preset}"  # MLflow registered-model name for best checkpoints; "" = off
 
 
 @dataclass
@@ -178,6 +187,9 @@ CHOICES: dict[str, tuple] = {
     "model.arch": ("biggan", "biggan-deep", "dcgan"),
     "model.resolution": (32, 64, 128, 256, 512),
     "model.d_head": ("projection", "acgan"),
+    "model.d_norm": ("batch", "layer", "none"),
+    "model.d_conditioning": ("projection", "concat"),
+    "tricks.z_dist": ("normal", "uniform"),
     "data.backend": ("auto", "dali-gpu", "dali-cpu", "wds"),
     "optim.zero_stage": (0, 1),
     "loss.kind": ("hinge", "bce", "wgan-gp"),
@@ -317,14 +329,39 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"model.attention: {cfg.model.attention} is above model.resolution {cfg.model.resolution}; use 0 for none"
         )
+    if cfg.eval.every > 0 and cfg.eval.every % cfg.train.checkpoint_every:
+        raise ConfigError(
+            f"eval.every: {cfg.eval.every} is not a multiple of train.checkpoint_every {cfg.train.checkpoint_every}; "
+            "evaluations judge (and mark best) the checkpoint of their step"
+        )
+    for key in ("eval.num_samples", "eval.batch_size", "eval.pr_samples", "eval.classifier_epochs"):
+        if flat[key] <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
+    if cfg.eval.features not in ("inception", "classifier"):
+        raise ConfigError(f"eval.features: {cfg.eval.features!r} is not allowed; choose one of ['inception', 'classifier']")
+    for key in ("eval.standing_stats_passes", "eval.reference_images", "eval.truncation"):
+        if flat[key] < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
+    try:
+        sweep = parse_thresholds(cfg.eval.truncation_sweep)
+    except ValueError:
+        sweep = [-1.0]
+    if any(t < 0 for t in sweep):
+        raise ConfigError(
+            f"eval.truncation_sweep: {cfg.eval.truncation_sweep!r} must be comma-separated thresholds >= 0 (0 = none)"
+        )
     for item in filter(None, cfg.health.mitigation.split(",")):
         if item.strip() not in MITIGATIONS:
             raise ConfigError(f"health.mitigation: {item.strip()!r} is not one of {list(MITIGATIONS)}")
-    if cfg.loss.kind != "bce" and (cfg.loss.label_smoothing or cfg.loss.label_flip):
-        raise ConfigError(
-            f"loss.label_smoothing/loss.label_flip: only apply to loss.kind='bce', not {cfg.loss.kind!r}"
-        )
+    from pipeline.losses import check_combination
+
+    check_combination(cfg)
     return cfg
+
+
+def parse_thresholds(text: str) -> list[float]:
+    """eval.truncation_sweep "0.25,0.5,0" -> [0.25, 0.5, 0.0]; "" -> []."""
+    return [float(item) for item in text.replace(" ", "").split(",") if item]
 
 
 def grad_accumulation_steps(cfg: RunConfig) -> int:

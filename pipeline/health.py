@@ -39,8 +39,10 @@ def _median(values) -> float:
 
 
 class HealthMonitor:
-    def __init__(self, cfg: HealthConfig):
+    def __init__(self, cfg: HealthConfig, loss_kind: str = "hinge"):
         self.cfg = cfg
+        # a WGAN critic's loss is a negative distance estimate, not a probability: "near zero" means nothing
+        self.use_d_loss_floor = loss_kind != "wgan-gp"
         self.history: dict[str, deque] = {}
         self.low_d_loss = 0
         self.pending: dict[int, int] = {}  # checkpoint step -> alarm-free checks since it was saved
@@ -96,7 +98,7 @@ class HealthMonitor:
                 break
 
         d_total = signals.get("d_loss_real", math.nan) + signals.get("d_loss_fake", math.nan)
-        if math.isfinite(d_total):
+        if math.isfinite(d_total) and self.use_d_loss_floor:
             self.low_d_loss = self.low_d_loss + 1 if d_total < c.d_loss_floor else 0
             if not d.alarm and self.low_d_loss >= c.d_loss_patience:
                 d.alarm = True

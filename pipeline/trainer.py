@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 import models
 from models.regularization import orthogonal_penalty
-from models.spectral import first_layer_sigma0, sigma0s
+from models.spectral import SpectralNorm, first_layer_sigma0, sigma0s
 from pipeline import losses, tricks
 from pipeline.augment import diff_augment
 from pipeline.checkpoint import CheckpointInfo, CheckpointStore, rng_state, set_rng_state
@@ -38,16 +38,20 @@ SAMPLES_PER_CLASS = 8
 
 def build_models(cfg: RunConfig):
     m = cfg.model
-    common = {"sn_eps": m.sn_eps, "num_sv_itrs": m.num_sv_itrs}
-    if m.attention is not None:  # None: where the paper puts it for this arch and resolution
-        common["attention"] = m.attention
-    G = models.build_generator(
-        m.arch, m.resolution, m.num_classes, ch=m.g_ch, dim_z=m.dim_z, shared_dim=m.shared_dim,
-        hier=m.hier, depth=m.depth, bn_eps=m.bn_eps, **common,
-    )
-    D = models.build_discriminator(m.arch, m.resolution, m.num_classes, ch=m.d_ch, depth=m.depth, **common)
+    g_kw = {"ch": m.g_ch, "dim_z": m.dim_z, "shared_dim": m.shared_dim, "bn_eps": m.bn_eps}
+    d_kw = {"ch": m.d_ch}
+    if m.arch == "dcgan":
+        d_kw |= {"norm": m.d_norm, "conditioning": "none" if m.d_head == "acgan" else m.d_conditioning}
+    else:
+        spectral = {"sn_eps": m.sn_eps, "num_sv_itrs": m.num_sv_itrs, "depth": m.depth}
+        if m.attention is not None:  # None: where the paper puts it for this arch and resolution
+            spectral["attention"] = m.attention
+        g_kw |= {"hier": m.hier, **spectral}
+        d_kw |= spectral
+    G = models.build_generator(m.arch, m.resolution, m.num_classes, **g_kw)
+    D = models.build_discriminator(m.arch, m.resolution, m.num_classes, **d_kw)
     if m.d_head == "acgan":
-        D = tricks.ACGANDiscriminator(D)
+        D = tricks.ACGANDiscriminator(D, m.num_classes)
     return G, D
 
 
@@ -81,9 +85,10 @@ class Trainer:
         self.ema = EMA(G, cfg.ema.decay, cfg.ema.start_step)
         self.g_engine, self.d_engine = build_engines(cfg, G, D, device, world_size)
         self.G, self.D = self.g_engine.module, self.d_engine.module
+        self.d_has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.D.modules())
         self.noise = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank)
         self.replay = tricks.ReplayBuffer(cfg.tricks.replay_size, cfg.tricks.replay_fraction, seed=cfg.train.seed + rank)
-        self.health = HealthMonitor(cfg.health)
+        self.health = HealthMonitor(cfg.health, loss_kind=cfg.loss.kind)
 
         self.step = 0  # G steps done
         self.d_steps_done = 0
@@ -100,6 +105,9 @@ class Trainer:
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
         self._sample_z, self._sample_y = self._fixed_samples()
+        from pipeline.evaluation import Evaluator
+
+        self.evaluator = Evaluator(self)  # eval.every: FID of EMA G after checkpoints; last_fid for the health check
 
     # -- sampling ----------------------------------------------------------------------------------------------
     def _fixed_samples(self):
@@ -110,7 +118,7 @@ class Trainer:
         return z.to(self.device), y.to(self.device)
 
     def sample_latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        z = torch.randn(n, self.G.dim_z, generator=self.noise, device=self.device, dtype=self.dtype)
+        z = tricks.sample_z(n, self.G.dim_z, self.cfg.tricks.z_dist, self.noise, self.device, self.dtype)
         y = torch.randint(0, self.cfg.model.num_classes, (n,), generator=self.noise, device=self.device)
         return z, y
 
@@ -142,13 +150,19 @@ class Trainer:
         for micro in range(self.accum):
             x_real, y_real = self.next_real()
             with torch.no_grad():
-                z, y_fake = self.sample_latents(x_real.shape[0])
-                x_fake = self.G(z, y_fake)
-            x_fake, y_fake = self.replay.mix(x_fake, y_fake)
+                z, y_fresh = self.sample_latents(x_real.shape[0])
+                x_fresh = self.G(z, y_fresh)
+            x_fake, y_fake = self.replay.mix(x_fresh, y_fresh)
             x_real.requires_grad_(r1_now)
-            logits, class_logits = self.d_forward(
-                torch.cat([self.d_inputs(x_real), self.d_inputs(x_fake)]), torch.cat([y_real, y_fake])
-            )
+            if self.d_has_batchnorm:
+                # BatchNorm statistics must not mix real and fake: the G step shows D an all-fake batch
+                real_out, fake_out = self.d_forward(self.d_inputs(x_real), y_real), self.d_forward(self.d_inputs(x_fake), y_fake)
+                logits = torch.cat([real_out[0], fake_out[0]])
+                class_logits = None if real_out[1] is None else torch.cat([real_out[1], fake_out[1]])
+            else:
+                logits, class_logits = self.d_forward(
+                    torch.cat([self.d_inputs(x_real), self.d_inputs(x_fake)]), torch.cat([y_real, y_fake])
+                )
             real_logits, fake_logits = logits.float().split([x_real.shape[0], x_fake.shape[0]])
             loss, parts = losses.d_loss(
                 cfg.kind, real_logits, fake_logits, label_smoothing=cfg.label_smoothing,
@@ -165,13 +179,13 @@ class Trainer:
                 parts["r1"] = r1.detach()
             if cfg.kind == "wgan-gp":
                 gp = losses.gradient_penalty(
-                    lambda x, y: self.d_forward(x, y)[0], x_real, x_fake, y_real, generator=None
+                    lambda x, y: self.d_forward(x, y)[0], x_real, x_fake, y_real, generator=self.noise
                 )
                 loss = loss + cfg.gp_lambda * gp
                 parts["gp"] = gp.detach()
             self.d_engine.backward(loss)
             self._step_engine(self.d_engine, "D", last=micro == self.accum - 1)
-            self.replay.push(x_fake.detach(), y_fake)
+            self.replay.push(x_fresh, y_fresh)  # fresh G output only: replayed images are not stored twice
             self._accumulate({"d_loss": loss.detach(), **parts, "d_real_logit": real_logits.detach().mean()})
         self.d_steps_done += 1
 
@@ -239,6 +253,16 @@ class Trainer:
         means = {k: self._sums[k] / self._sums[k + "__n"] for k in self._sums if not k.endswith("__n")}
         self._sums = {}
         return self._reduce(means)
+
+    def trick_metrics(self) -> dict[str, float]:
+        """What the optional tricks are doing, logged only when they are on."""
+        out = {}
+        t = self.cfg.tricks
+        if t.instance_noise > 0:
+            out["tricks/instance_noise_std"] = tricks.instance_noise_std(self.step, t.instance_noise, t.instance_noise_decay_steps)
+        if self.replay.enabled:
+            out.update({f"tricks/{k}": v for k, v in self.replay.stats().items()})
+        return out
 
     def spectral_signals(self) -> dict[str, torch.Tensor]:
         g = {f"sigma0/G/{k}": v for k, v in sigma0s(self.G).items()}
@@ -385,12 +409,13 @@ class Trainer:
 
     def health_signals(self, losses_now: dict[str, float]) -> dict[str, float]:
         """Everything the monitor judges, averaged over ranks in one all-reduce."""
-        spectral = self.spectral_signals()
-        g_first = first_layer_sigma0(self.G)
-        d_max = torch.stack([v.float() for k, v in spectral.items() if k.startswith("sigma0/D/")]).max()
-        variety = self.health.sample_variety(self.ema.model, self._sample_z, self._sample_y)
-        signals = self._reduce({"sigma0_g_first": g_first, "sigma0_d_max": d_max, "variety": variety})
-        return {**losses_now, **signals}
+        local = {"variety": self.health.sample_variety(self.ema.model, self._sample_z, self._sample_y)}
+        d_sigmas = [v.float() for k, v in self.spectral_signals().items() if k.startswith("sigma0/D/")]
+        if d_sigmas:  # spectrally normalized nets (BigGAN); DCGAN has none
+            local["sigma0_d_max"] = torch.stack(d_sigmas).max()
+        if isinstance(getattr(self.G, "linear", None), SpectralNorm):
+            local["sigma0_g_first"] = first_layer_sigma0(self.G)
+        return {**losses_now, **self._reduce(local)}
 
     def check_health(self, losses_now: dict[str, float]):
         decision = self.health.observe(self.step, self.health_signals(losses_now))
@@ -419,6 +444,7 @@ class Trainer:
 
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 metrics = self.take_metrics()
+                metrics.update(self.trick_metrics())
                 now = time.time()
                 iters = self.step - last_log_step
                 elapsed = max(now - last_log_t, 1e-9)
@@ -459,9 +485,11 @@ class Trainer:
                 info = self.save_checkpoint(metrics)
                 self.health.checkpoint_saved(self.step)
                 self.report({**metrics, "step": self.step}, info)
+                self.evaluator.after_checkpoint(self.step, info)
 
         if self.status == "running":
             self.status = "finished"
+        self.evaluator.finish()  # rank 0: truncation sweep (eval.truncation_sweep), pending model registrations
         if self.rank == 0:
             healthy = self.store.newest_healthy()
             if self.status == "collapsed" and healthy and not self.store.labels().get("best"):

@@ -12,7 +12,7 @@ def test_every_preset_validates_and_round_trips(name):
     cfg = C.validate(get_preset(name))
     again = C.from_dict(cfg.to_dict())
     assert again == cfg
-    assert cfg.flat()["model.arch"] in ("biggan", "biggan-deep")
+    assert cfg.flat()["model.arch"] in ("biggan", "biggan-deep", "dcgan")
 
 
 def test_paper_settings_are_the_imagenet128_defaults():

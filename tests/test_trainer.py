@@ -94,3 +94,34 @@ def test_checkpoint_holds_everything_and_exports_weights_only(tmp_path, digits_s
     exported = torch.load(root / "g_ema.pt", weights_only=True)  # safe to load from anywhere
     assert exported["step"] == 2 and len(exported["class_names"]) == n
     assert set(exported["g_ema_state"]) == set(trainer.ema.model.state_dict())
+
+
+@pytest.mark.parametrize("preset_overrides", [
+    {"model.arch": "dcgan", "model.d_norm": "batch", "loss.kind": "bce", "loss.d_steps": 1, "loss.ortho_beta": 0.0,
+     "loss.label_smoothing": 0.1, "loss.label_flip": 0.05, "tricks.instance_noise": 0.1, "tricks.replay_size": 16},
+    {"model.arch": "dcgan", "model.d_norm": "layer", "loss.kind": "wgan-gp", "loss.d_steps": 5,
+     "loss.ortho_beta": 0.0, "tricks.z_dist": "uniform"},
+    {"model.arch": "dcgan", "model.d_head": "acgan", "model.d_norm": "none", "loss.kind": "hinge",
+     "loss.ortho_beta": 0.0},
+], ids=["dcgan-bce-tricks", "wgan-gp", "acgan"])
+def test_classic_gans_and_tricks_train_with_health_checks(tmp_path, digits_shards, preset_overrides):
+    shards, n = digits_shards
+    cfg = tiny_config(tmp_path, shards, n, **{"model.g_ch": 8, "model.d_ch": 8, "health.enabled": True,
+                                              "health.every": 1, "train.steps": 3, "train.log_every": 1,
+                                              **preset_overrides})
+    trainer = make_trainer(cfg, tmp_path)
+    result = trainer.fit()
+    assert result["status"] == "finished" and result["rollbacks"] == 0
+    assert trainer.d_engine.global_steps == 3 * cfg.loss.d_steps
+    trainer.train_iteration()  # one more, to look at what an iteration accumulates for logging
+    expected = {"wgan-gp": "gp", "bce": "d_label_flip_frac"}.get(cfg.loss.kind)
+    if expected:
+        assert expected in trainer._sums
+    if cfg.model.d_head == "acgan":
+        assert "d_acgan" in trainer._sums
+    if cfg.model.d_norm == "batch":
+        assert trainer.d_has_batchnorm
+    if cfg.tricks.replay_size:
+        assert len(trainer.replay) > 0 and "tricks/replay_size" in trainer.trick_metrics()
+    if cfg.tricks.instance_noise:
+        assert 0 < trainer.trick_metrics()["tricks/instance_noise_std"] < 0.1

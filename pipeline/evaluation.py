@@ -1,0 +1,391 @@
+"""Evaluation inside the training loop: FID and friends of EMA G after a checkpoint, best-checkpoint bookkeeping,
+and a truncation sweep at the end of training.
+
+    trainer.evaluator = Evaluator(trainer)             # in Trainer.__init__
+    trainer.evaluator.after_checkpoint(step, info)     # in fit(), after each committed checkpoint
+    trainer.evaluator.finish()                         # at the end of fit(): truncation sweep
+
+Every `eval.every` G steps (and at the last step) rank 0 evaluates a copy of EMA G with standing statistics:
+`metrics.evaluate_generator` in the features of `eval.features` against reference statistics of the real
+images. Numbers go to MLflow as `eval/fid`, `eval/is_mean`, `eval/is_std`, `eval/precision`, `eval/recall`
+(`eval/seconds`: how long it took). The FID reaches every rank (a broadcast) and waits in `last_fid` for
+the health monitor's next check (`take_fid()`). A new best FID marks the checkpoint best in the store, logs
+its `g_ema.pt` as the run artifact `checkpoints/step-XXXXXXXX/g_ema.pt` and registers that as a new version
+of the MLflow model `eval.register_model` (tags: fid, config, classes; alias `best`).
+
+The real side (`ReferenceSet`) is computed once per shard set and cached next to the manifest: reference
+statistics (`fid_stats_<extractor>_<res>_<count>.npz`) from un-augmented images (no flips, centre crops) and,
+for `eval.features=classifier`, the dataset classifier (`eval_classifier_<res>px_<count>_<epochs>ep.pt`).
+Shards behind a URL (s3://...) or in a read-only folder get the cache under `<output_dir>/eval_cache`
+instead, which is logged.
+
+Evaluation never stops training: any exception becomes a warning with its reason (and the FID of that
+evaluation is unknown); the global RNG state is restored afterwards, so evaluating does not change what
+training does next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline import metrics
+from pipeline.checkpoint import CheckpointInfo, rng_state, set_rng_state
+from pipeline.config import EvalConfig, parse_thresholds
+from pipeline.data import build_loader, read_manifest
+from pipeline.metrics.classifier import MAX_INPUT_SIZE
+
+if TYPE_CHECKING:
+    from pipeline.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+SEED = 0  # the same latents at every evaluation: FID differences between steps are G's, not the draw's
+CACHE_DIR_NAME = "eval_cache"
+CHECKPOINT_FILE = "g_ema.pt"
+REGISTER_WAIT_S = 600.0  # how long the background registration waits for the artifact upload
+
+
+# -- the real side --------------------------------------------------------------------------------------------
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def eval_cache_dir(shards: str, output_dir: str | os.PathLike) -> Path:
+    """The shard folder itself when it is local and writable, else <output_dir>/eval_cache (logged)."""
+    if not _is_url(shards):
+        folder = Path(shards.removeprefix("file://"))
+        if folder.is_dir() and os.access(folder, os.W_OK):
+            return folder
+        reason = f"the shard folder {folder} is not writable"
+    else:
+        reason = f"the shards at {shards} are remote"
+    cache = Path(output_dir) / CACHE_DIR_NAME
+    log.info("evaluation: %s; caching reference statistics and the classifier in %s", reason, cache)
+    return cache
+
+
+def real_batches(shards: str, *, count: int, batch_size: int, resolution: int,
+                 num_threads: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+    """The first `count` images of the shard set in one fixed order, un-augmented: (images in [-1, 1], labels).
+
+    Close the iterator (contextlib.closing) if you stop early; that releases the loader.
+    """
+    with build_loader(shards, batch_size=batch_size, backend="wds", seed=SEED, resolution=resolution,
+                      random_crop=False, flip=False, drop_last=False, num_threads=num_threads) as loader:
+        seen = 0
+        while seen < count:
+            images, labels = next(loader)
+            take = min(count - seen, images.shape[0])
+            seen += take
+            yield images[:take], labels[:take]
+
+
+def real_images(shards: str, *, count: int, batch_size: int, resolution: int,
+                max_size: int = MAX_INPUT_SIZE) -> tuple[Tensor, Tensor]:
+    """`real_batches` gathered in memory (CPU), area-downsampled to at most max_size px (what the classifier sees)."""
+    images, labels = [], []
+    with contextlib.closing(real_batches(shards, count=count, batch_size=batch_size, resolution=resolution)) as it:
+        for x, y in it:
+            if x.shape[-1] > max_size:
+                x = F.interpolate(x, size=(max_size, max_size), mode="area")
+            images.append(x.cpu())
+            labels.append(y.cpu())
+    return torch.cat(images), torch.cat(labels)
+
+
+class ReferenceSet:
+    """The real side of every evaluation of one shard set: the feature extractor and the reference statistics,
+    built on first use and cached on disk (see the module docstring)."""
+
+    def __init__(self, ecfg: EvalConfig, shards: str, *, resolution: int, num_classes: int,
+                 output_dir: str | os.PathLike, device: torch.device | str = "cpu"):
+        self.ecfg, self.shards, self.resolution, self.num_classes = ecfg, shards, resolution, num_classes
+        self.output_dir, self.device = Path(output_dir), torch.device(device)
+        self._cache_dir: Path | None = None
+        self._count: int | None = None
+        self._extractor: metrics.FeatureExtractor | None = None
+        self._classifier: metrics.SmallClassifier | None = None
+        self._reference: metrics.ReferenceStats | None = None
+        self._images: tuple[Tensor, Tensor] | None = None  # kept only between training the classifier and the stats
+
+    @property
+    def cache_dir(self) -> Path:
+        if self._cache_dir is None:
+            self._cache_dir = eval_cache_dir(self.shards, self.output_dir)
+        return self._cache_dir
+
+    @property
+    def count(self) -> int:
+        """Real images used: eval.reference_images (0 = eval.num_samples), at most the whole shard set."""
+        if self._count is None:
+            wanted = self.ecfg.reference_images or self.ecfg.num_samples
+            self._count = min(wanted, int(read_manifest(self.shards)["num_samples"]))
+        return self._count
+
+    def classifier(self) -> metrics.SmallClassifier:
+        """The dataset classifier (trained on the first `count` real images once, then loaded from the cache)."""
+        if self._classifier is None:
+            path = self.cache_dir / f"eval_classifier_{self.resolution}px_{self.count}_{self.ecfg.classifier_epochs}ep.pt"
+
+            def data() -> tuple[Tensor, Tensor]:
+                self._images = real_images(self.shards, count=self.count, batch_size=self.ecfg.batch_size,
+                                           resolution=self.resolution)
+                return self._images
+
+            self._classifier = metrics.load_or_train_classifier(
+                path, data, self.num_classes, device=self.device, epochs=self.ecfg.classifier_epochs, seed=SEED,
+            )
+        return self._classifier
+
+    def extractor(self) -> metrics.FeatureExtractor:
+        if self._extractor is None:
+            if self.ecfg.features == "classifier":
+                self._extractor = metrics.ClassifierExtractor(self.classifier(), batch_size=max(self.ecfg.batch_size, 256))
+            else:
+                self._extractor = metrics.build_extractor(
+                    "inception", weights=self.ecfg.inception_weights, device=self.device, batch_size=self.ecfg.batch_size,
+                )
+        return self._extractor
+
+    def reference(self) -> metrics.ReferenceStats:
+        if self._reference is None:
+            extractor = self.extractor()
+            path = metrics.reference_stats_path(self.cache_dir, extractor, self.resolution, self.count)
+            if self._images is not None:  # just read for the classifier: no second pass over the shards
+                x, y = self._images
+                batches = ((x[i:i + self.ecfg.batch_size], y[i:i + self.ecfg.batch_size])
+                           for i in range(0, x.shape[0], self.ecfg.batch_size))
+            else:
+                batches = real_batches(self.shards, count=self.count, batch_size=self.ecfg.batch_size,
+                                       resolution=self.resolution)
+            with contextlib.closing(batches):
+                self._reference = metrics.reference_stats(batches, extractor, path, max_images=self.count,
+                                                          keep_features=self.ecfg.pr_samples, seed=SEED)
+            self._images = None
+        return self._reference
+
+
+# -- the generator side ---------------------------------------------------------------------------------------
+def evaluation_copy(G: nn.Module, *, passes: int, batch_size: int, truncation: float = 0.0,
+                    device: torch.device | str = "cpu") -> nn.Module:
+    """A copy of G in eval mode whose batch norms hold standing statistics at this truncation (passes 0: G's own)."""
+    G = copy.deepcopy(G).eval().requires_grad_(False)
+    if passes > 0:
+        from models.sampling import standing_stats
+
+        gen = torch.Generator(device=device).manual_seed(SEED)
+        standing_stats(G, passes, batch_size, truncation=truncation or None, generator=gen, device=device)
+    return G
+
+
+def score(G: nn.Module, reference: ReferenceSet, *, num_classes: int, truncation: float = 0.0,
+          device: torch.device | str = "cpu", standing_stats: bool = True) -> dict[str, float]:
+    """evaluate_generator on a standing-statistics copy of G: {'fid', 'is_mean', 'is_std', 'precision', 'recall'}."""
+    ecfg = reference.ecfg
+    extractor, ref = reference.extractor(), reference.reference()
+    G_eval = evaluation_copy(G, passes=ecfg.standing_stats_passes if standing_stats else 0,
+                             batch_size=ecfg.batch_size, truncation=truncation, device=device)
+    return metrics.evaluate_generator(
+        G_eval, num_classes=num_classes, dim_z=G_eval.dim_z, num_samples=ecfg.num_samples,
+        batch_size=ecfg.batch_size, extractor=extractor, ref_stats=ref, truncation=truncation, device=device,
+        seed=SEED, pr_samples=ecfg.pr_samples,
+    )
+
+
+def broadcast_from_rank0(value: float, device: torch.device, world_size: int) -> float:
+    """Rank 0's value on every rank (NaN travels as NaN)."""
+    if world_size <= 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
+@contextlib.contextmanager
+def _preserved_rng() -> Iterator[None]:
+    """Evaluation seeds torch (classifier training) and draws numbers: keep training's random stream intact."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+# -- in the training loop -------------------------------------------------------------------------------------
+class Evaluator:
+    """Periodic evaluation for one Trainer (every rank has one; rank 0 does the work)."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.cfg = trainer.cfg.eval
+        self.last_fid: float | None = None  # newest FID not yet handed to the health monitor (take_fid)
+        self.latest: dict[str, float] = {}  # metrics of the newest evaluation on rank 0
+        self.failures = 0
+        self._reference: ReferenceSet | None = None
+        self._pool: ThreadPoolExecutor | None = None  # rank 0: artifact upload waits and model registration
+        self._pending: list[Future] = []
+
+    # -- what the trainer calls --------------------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        every = self.cfg.every
+        return every > 0 and (step % every == 0 or step == self.trainer.cfg.train.steps)
+
+    def take_fid(self) -> float | None:
+        """The newest FID, once: the health monitor's "fid" signal at its next check."""
+        fid, self.last_fid = self.last_fid, None
+        return fid
+
+    def after_checkpoint(self, step: int, info: CheckpointInfo | None) -> float | None:
+        """Evaluate EMA G if this step is due; every rank gets the FID (None when the evaluation failed)."""
+        if not self.due(step):
+            return None
+        t = self.trainer
+        fid = math.nan
+        if t.rank == 0:
+            try:
+                with _preserved_rng():
+                    fid = self._evaluate(step, info)
+            except Exception as err:  # noqa: BLE001 - evaluation must never stop training
+                self._warn(f"evaluation at step {step} failed", err)
+        fid = broadcast_from_rank0(fid, t.device, t.world_size)
+        self.last_fid = fid if math.isfinite(fid) else None
+        return self.last_fid
+
+    def finish(self) -> list[dict[str, float]]:
+        """End of training, rank 0: the truncation sweep (eval.truncation_sweep), then wait for registrations."""
+        results: list[dict[str, float]] = []
+        t = self.trainer
+        if t.rank != 0:
+            return results
+        thresholds = parse_thresholds(self.cfg.truncation_sweep)
+        if thresholds and t.status == "finished":
+            try:
+                with _preserved_rng():
+                    results = self._sweep(thresholds)
+            except Exception as err:  # noqa: BLE001
+                self._warn("truncation sweep failed", err)
+        elif thresholds:
+            log.info("truncation sweep skipped: training ended %s", t.status)
+        self.wait()
+        return results
+
+    def wait(self, timeout: float = REGISTER_WAIT_S) -> None:
+        """Wait for background artifact/registry work (rank 0)."""
+        deadline = time.monotonic() + timeout
+        for fut in self._pending:
+            try:
+                fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception as err:  # noqa: BLE001
+                self._warn("registering the best checkpoint failed", err)
+        self._pending = [f for f in self._pending if not f.done()]
+
+    # -- rank 0 ------------------------------------------------------------------------------------------------
+    @property
+    def reference(self) -> ReferenceSet:
+        if self._reference is None:
+            t = self.trainer
+            self._reference = ReferenceSet(
+                self.cfg, t.cfg.data.shards, resolution=t.cfg.model.resolution, num_classes=t.cfg.model.num_classes,
+                output_dir=t.cfg.train.output_dir, device=t.device,
+            )
+        return self._reference
+
+    def _warn(self, what: str, err: BaseException) -> None:
+        self.failures += 1
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        log.warning("%s (%s); training goes on", what, reason)
+        self.trainer.tracker.log_text(f"{what}\n{type(err).__name__}: {err}\n", f"eval/errors/{self.failures:03d}.txt")
+
+    def _evaluate(self, step: int, info: CheckpointInfo | None) -> float:
+        t = self.trainer
+        t0 = time.perf_counter()
+        result = score(t.ema.model, self.reference, num_classes=t.cfg.model.num_classes,
+                       truncation=self.cfg.truncation, device=t.device)
+        result["seconds"] = time.perf_counter() - t0
+        self.latest = result
+        t.tracker.log_metrics({f"eval/{k}": v for k, v in result.items()}, step=step)
+        fid = result["fid"]
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k != "seconds")
+        print(f"[eval] step {step}: {shown} ({result['seconds']:.0f}s, {self.reference.extractor().name})", flush=True)
+        if math.isfinite(fid) and info is not None and fid < self._best_so_far():
+            self._new_best(step, info, fid)
+        return fid
+
+    def _best_so_far(self) -> float:
+        """The store's best FID (survives restarts; a rollback forgets bests after its step)."""
+        best = self.trainer.store.labels().get("best")
+        if best and best.get("metric") == "fid" and best.get("fid") is not None:
+            return float(best["fid"])
+        return math.inf
+
+    def _new_best(self, step: int, info: CheckpointInfo, fid: float) -> None:
+        t = self.trainer
+        t.store.mark_best(step, fid)
+        log.info("evaluation: step %d is the best so far (fid %.4g)", step, fid)
+        if not t.tracker.enabled:
+            return
+        t.tracker.set_tags({"best_fid": f"{fid:.6g}", "best_fid_step": step})
+        # a local copy for the tracker's background upload (the store may be remote, retention may delete it)
+        local = t.work_dir / "eval" / f"step-{step:08d}" / CHECKPOINT_FILE
+        local.parent.mkdir(parents=True, exist_ok=True)
+        t.store.fs.get_file(f"{info.path}/{CHECKPOINT_FILE}", str(local))
+        artifact_path = f"checkpoints/step-{step:08d}"
+        t.tracker.log_artifact(local, artifact_path)
+        name = self.cfg.register_model.replace("{preset}", t.cfg.preset)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-registry")
+        self._pending.append(self._pool.submit(self._register, local, artifact_path, name, fid, step))
+
+    def _register(self, local: Path, artifact_path: str, name: str, fid: float, step: int) -> None:
+        """Background: once the tracker has uploaded the artifact, register it (name "" = only upload)."""
+        t = self.trainer
+        try:
+            if not t.tracker.flush(timeout=REGISTER_WAIT_S):
+                raise TimeoutError(f"the upload of {artifact_path} did not finish in {REGISTER_WAIT_S:.0f}s")
+            if not name:
+                return
+            run_id = t.tracker.run_id
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri=t.tracker.tracking_uri)
+            if not any(f.path.endswith(CHECKPOINT_FILE) for f in client.list_artifacts(run_id, artifact_path)):
+                raise FileNotFoundError(f"run {run_id} has no artifact {artifact_path}/{CHECKPOINT_FILE}")
+            version = metrics.register_best(run_id, artifact_path, name, t.cfg, t.class_names, fid, step=step,
+                                            tracking_uri=t.tracker.tracking_uri)
+            t.tracker.set_tags({"best_model_version": f"{name}/{version.version}"})
+            print(f"[eval] registered {name} version {version.version} (fid {fid:.4g}, step {step})", flush=True)
+        finally:
+            with contextlib.suppress(OSError):
+                local.unlink()
+
+    def _sweep(self, thresholds: list[float]) -> list[dict[str, float]]:
+        t = self.trainer
+        results = []
+        for threshold in thresholds:
+            row = score(t.ema.model, self.reference, num_classes=t.cfg.model.num_classes, truncation=threshold,
+                        device=t.device)
+            results.append({"truncation": float(threshold), **row})
+            label = f"{threshold:g}" if threshold > 0 else "none"
+            t.tracker.log_metrics({f"truncation/{label}/{k}": v for k, v in row.items()}, step=t.step)
+            print(f"[eval] truncation {label}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+        folder = t.work_dir / "eval"
+        plot = metrics.plot_truncation_sweep(results, folder / "truncation_sweep.png")
+        t.tracker.log_artifact(plot, "eval")
+        t.tracker.log_text(json.dumps({"step": t.step, "results": results}, indent=1), "eval/truncation_sweep.json")
+        return results
+
