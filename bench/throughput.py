@@ -11,13 +11,16 @@ One iteration is what `Trainer.train_iteration` does: 2 D steps, 1 G step (and t
 (b) the bare step as ajbrock/BigGAN-PyTorch trains by default: G and D from `models`, torch Adam, hinge loss,
     2 D steps + 1 G step, the same orthogonal penalty and EMA copy as (a), fp32, no DeepSpeed, no AMP, no
     channels_last, real images already on the device (no loader).
-images/s counts real images per second (loss.d_steps x batch per iteration), as `Trainer.fit` logs it.
+images/s counts real images per second (loss.d_steps x batch per iteration), as `Trainer.fit` logs it, from
+the median iteration time (the mean and the minimum are in the JSON too; the median survives a shared
+machine's stalls).
 FLOPs: `FlopCounterMode` over one whole iteration (forward + backward of every step; the optimizer's
 elementwise math is not counted). MFU = FLOPs / iteration time / --peak-tflops (H100/H200 bf16 dense by
 default on those GPUs; n/a on CPU unless given). Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU
 the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs before each measurement; falls
-back to getrusage's ru_maxrss, which is the process's whole-life peak). Warm-up iterations are not timed; GPU
-timing brackets the timed loop with torch.cuda.synchronize.
+back to getrusage's ru_maxrss, which is the process's whole-life peak). Warm-up iterations are not timed; on
+GPU per-iteration times come from CUDA events between iterations (no sync inside the loop) and
+torch.cuda.synchronize brackets the timed loop.
 
 JSON (--json): {"device", "versions", "runs": [{"arch", "batch", ..., "flops_per_iter", "ratio",
 "a": {"images_per_s", "iter_s", "data_wait", "peak_mem", "mfu", ...}, "b": {...}, "loader": {...}}], ...};
@@ -347,8 +350,11 @@ def build_trainer(cfg: C.RunConfig, device: torch.device, work: Path):
 
 
 def is_compiled(trainer) -> bool:
+    """Whether the trainer compiled G or D: torch.compile(m) wraps (_orig_mod), m.compile() works in place
+    (_compiled_call_impl), DeepSpeed's engine.compile() sets is_compiled."""
     modules = (trainer.G, trainer.D, trainer.g_engine.module, trainer.d_engine.module)
-    return any(hasattr(m, "_orig_mod") for m in modules) or bool(getattr(trainer.g_engine, "is_compiled", False))
+    wrapped = any(hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None for m in modules)
+    return wrapped or any(bool(getattr(e, "is_compiled", False)) for e in (trainer.g_engine, trainer.d_engine))
 
 
 def bench_trainer(cfg: C.RunConfig, device: torch.device, work: Path, warmup: int, iters: int) -> dict:

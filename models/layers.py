@@ -97,6 +97,12 @@ class StatsBatchNorm(nn.Module):
     # Forward -------------------------------------------------------------------------------------
     def _normalize(self, x: torch.Tensor, truncation: float | None,
                    weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dtype != self.running_mean.dtype:
+            # bf16 activations with fp32 statistics (mixed precision casts parameters, not buffers):
+            # normalize in the statistics' precision
+            stats_dtype = self.running_mean.dtype
+            return self._normalize(x.to(stats_dtype), truncation, None if weight is None else weight.to(stats_dtype),
+                                   None if bias is None else bias.to(stats_dtype)).to(x.dtype)
         if self.training:
             if self.momentum is None:
                 self._num_accumulated += 1
@@ -167,7 +173,8 @@ class Attention(nn.Module):
         self.phi = SNConv2d(channels, channels // 8, **conv)
         self.g = SNConv2d(channels, channels // 2, **conv)
         self.o = SNConv2d(channels // 2, channels, **conv)
-        self.gamma = nn.Parameter(torch.zeros(()))
+        # NOTE: shape (1,), not a 0-dim scalar: DeepSpeed cannot flatten 0-dim parameters
+        self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape

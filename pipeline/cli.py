@@ -9,6 +9,7 @@ import sys
 
 from pipeline import config as C
 from pipeline.presets import PRESETS, get_preset
+from pipeline.tracking import default_tracking_uri
 
 EPILOG = """\
 Configuration is resolved in this order: the preset, then --config YAML files (same nested shape as the
@@ -67,9 +68,9 @@ def cluster_plan(cfg: C.RunConfig) -> dict:
         "grad_accumulation_steps": accum,
         "images_per_d_step": cfg.train.global_batch,
         "images_per_iteration": cfg.train.global_batch * (cfg.loss.d_steps + 1),
-        "storage": cfg.cluster.storage_path or os.path.join(cfg.train.output_dir, "ray"),
+        "storage": cfg.cluster.storage_path or os.path.join(cfg.train.output_dir, cfg.tracking.run_name or "<run name>", "ray"),
         "max_failures": cfg.cluster.max_failures,
-        "tracking_uri": cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db",
+        "tracking_uri": cfg.tracking.tracking_uri or default_tracking_uri(),
     }
 
 

@@ -102,8 +102,8 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_last: int = 3  # checkpoints kept besides the best and the newest healthy one
     output_dir: str = "runs"  # local checkpoints and samples (per run subfolder)
-    channels_last: bool = False
-    compile: bool = False
+    channels_last: bool = False  # NHWC images into D and G's convolutions (DeepSpeed keeps weights NCHW)
+    compile: bool = False  # torch.compile G and D in place (GPU; measure with bench/throughput.py)
 
 
 @dataclass

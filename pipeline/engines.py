@@ -53,8 +53,10 @@ def build_engines(cfg: RunConfig, G: nn.Module, D: nn.Module, device: torch.devi
 
     bf16 = use_bf16(cfg, device)
     G, D = G.to(device), D.to(device)
-    if cfg.train.channels_last:
-        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        # in place, so both the engines and direct module calls (D in the G step, R1) run compiled code
+        G.compile()
+        D.compile()
     engines = []
     for model, lr in ((G, cfg.optim.g_lr), (D, cfg.optim.d_lr)):
         engine, *_ = deepspeed.initialize(

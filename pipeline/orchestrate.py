@@ -36,6 +36,8 @@ def finalize(cfg: RunConfig) -> RunConfig:
     if not cfg.tracking.run_name:
         cfg.tracking.run_name = f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg.tracking.tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri()
+    if "://" not in cfg.data.shards:
+        cfg.data.shards = str(Path(cfg.data.shards).resolve())  # workers run in another working directory
     from data_prep.shard_format import read_manifest
 
     manifest = read_manifest(cfg.data.shards)

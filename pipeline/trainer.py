@@ -126,7 +126,10 @@ class Trainer:
         t0 = time.perf_counter()
         x, y = next(self.data)
         self.data_wait += time.perf_counter() - t0
-        return x.to(self.device, self.dtype, non_blocking=True), y.to(self.device, non_blocking=True)
+        x = x.to(self.device, self.dtype, non_blocking=True)
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True)
 
     def d_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """What D sees of any image, real or fake: DiffAugment, then instance noise (both off by default)."""

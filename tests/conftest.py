@@ -13,10 +13,25 @@ from pathlib import Path
 
 import pytest
 
+# PostgreSQL, moto S3 and the k8s manifest's MLflow server: one of each per session, for every module
+from tests.servers import mlflow_pg_s3_server, postgres_server, s3_server  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread():
+    """Small CPU workloads on 2 cores: one torch thread is as fast as two, and far faster when test processes
+    share the cores (threads spin against each other). Ray workers and servers are other processes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def free_port() -> int:

@@ -6,12 +6,7 @@ machine is swapped (database host and port, listen address and port, one worker)
 test change. Every process listens on 127.0.0.1 on a port picked at start, and is stopped at teardown even
 when the test fails. Without PostgreSQL, psycopg2 or moto the fixtures skip with the reason.
 
-Use the fixtures by binding them in a test module (in tests/conftest.py instead, every module shares one
-server per session):
-
-    from tests import servers
-
-    postgres_server, s3_server, mlflow_pg_s3_server = servers.postgres_server, servers.s3_server, servers.mlflow_pg_s3_server
+tests/conftest.py imports the fixtures, so every module shares one of each per session:
 
     def test_something(mlflow_pg_s3_server):
         mlflow.set_tracking_uri(mlflow_pg_s3_server.uri)

@@ -92,3 +92,24 @@ def test_commit_record_lists_sizes_and_checksums(tmp_path):
     assert meta["step"] == 7 and meta["note"] == "x"
     assert meta["files"]["g/model.pt"]["size"] == len(b"weights") * 7
     assert len(meta["files"]["trainer.pt"]["sha256"]) == 64
+
+
+def test_s3_store_round_trip_and_torn_upload_is_invisible(s3_server, tmp_path, monkeypatch):
+    """Checkpoints on S3 (moto on 127.0.0.1): COMMITTED goes last, so a half upload is not a checkpoint."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server.region)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    s3_server.client().create_bucket(Bucket="ckpts")
+    store = CheckpointStore("s3://ckpts/run-1/checkpoints")
+    _save(store, 4, tmp_path)
+    staged = tmp_path / "staged-8"
+    staged.mkdir()
+    (staged / "trainer.pt").write_bytes(b"half")
+    store.begin(8)
+    store.publish(8, staged)  # the crash happens here: no COMMITTED
+    assert [c.step for c in store.list()] == [4]
+    root = store.fetch(store.latest(), tmp_path / "download")
+    assert (root / "g" / "model.pt").read_bytes() == b"weights" * 4
+    store.mark_healthy(4)
+    assert store.newest_healthy().step == 4

@@ -30,15 +30,6 @@ from pipeline.metrics import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    """Small CPU workloads: one thread is as fast as two here and far faster when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- independent references ---------------------------------------------------------------------------------
 def fid_pytorch_fid_style(mu1, s1, mu2, s2, eps=1e-6):
     """The formula pytorch-fid / TTUR use: scipy's general matrix square root of the product."""

@@ -24,15 +24,6 @@ from pipeline.metrics import (
 from pipeline.metrics.frechet import feature_stats
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    """Small CNNs on CPU: one thread is as fast as two here and far faster when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits():
     """scikit-learn's 1,797 8x8 digits as (N, 1, 8, 8) in [-1, 1], split 1,400 / 397."""

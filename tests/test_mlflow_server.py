@@ -7,11 +7,7 @@ import io
 
 import pytest
 
-from tests import servers
 from tests.servers import flag_value, http_status, mlflow_container
-
-# The fixtures of tests/servers.py, visible to this module's tests.
-postgres_server, s3_server, mlflow_pg_s3_server = servers.postgres_server, servers.s3_server, servers.mlflow_pg_s3_server
 
 pytestmark = pytest.mark.slow
 
@@ -98,3 +94,32 @@ def test_metrics_land_in_postgres_and_artifacts_in_s3(mlflow_pg_s3_server, monke
     local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="samples/grid_000002.png",
                                                 tracking_uri=server.uri)
     assert Image.open(local).size == (64, 32)
+
+
+def test_a_short_training_run_logs_to_postgres_and_s3(mlflow_pg_s3_server, digits_shards, tmp_path, monkeypatch):
+    """The trainer, pointed at the manifest's server: its metrics are PostgreSQL rows, its sample grid an S3 object."""
+    import psycopg2
+
+    from pipeline.tracking import Tracker
+    from tests.trainer_harness import make_trainer, tiny_config
+
+    server = mlflow_pg_s3_server
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    shards, n = digits_shards
+    cfg = tiny_config(tmp_path, shards, n, **{"train.steps": 4, "train.log_every": 2, "train.sample_every": 4})
+    tracker = Tracker(server.uri, "k8s-training", "short-run", retry_wait=0.5)
+    trainer = make_trainer(cfg, tmp_path, tracker=tracker)
+    assert trainer.fit()["status"] == "finished"
+    assert tracker.flush(60)
+    tracker.close()
+
+    with psycopg2.connect(server.pg_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT DISTINCT key FROM metrics WHERE run_uuid = %s", (tracker.run_id,))
+        keys = {k for (k,) in cur.fetchall()}
+        cur.execute("SELECT step FROM metrics WHERE run_uuid = %s AND key = 'g_loss' ORDER BY step", (tracker.run_id,))
+        steps = [s for (s,) in cur.fetchall()]
+    assert {"d_loss_real", "d_loss_fake", "g_loss", "images_per_s"} <= keys and steps == [2, 4]
+    listing = server.s3_client().list_objects_v2(Bucket=server.bucket, Prefix=server.artifacts_prefix)
+    grids = [o["Key"] for o in listing.get("Contents", []) if f"{tracker.run_id}/artifacts/samples/" in o["Key"]]
+    assert len(grids) == 1 and grids[0].endswith("samples_00000004.png")

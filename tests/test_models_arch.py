@@ -10,16 +10,6 @@ from models import registry as model_registry
 from models.biggan import Generator
 from models.layers import Attention
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Small tensors: one thread is faster and immune to oversubscription by parallel suites.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 ARCH_CH = {"biggan": 8, "biggan-deep": 4}  # smallest widths that still fit every attention block
 
 

@@ -8,20 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from models import build_discriminator, build_generator
 from models.__main__ import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_summary_command_prints_the_paper_counts():

@@ -32,13 +32,6 @@ def _layers(resolution: int) -> list[tuple[bool, int, int]]:
     return [layer for i, o in zip(mult, mult[1:]) for layer in ((False, i, i), (True, i, o))]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @torch.no_grad()
 def _their_model(resolution: int, ch: int, seed: int = 0) -> tuple[BigGAN, BigGANConfig]:

@@ -13,14 +13,6 @@ from models.sampling import standing_stats, truncated_normal
 from models.spectral import sigma0s
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("threshold", [0.04, 0.5, 1.0, 2.0])
 def test_truncated_normal_stays_within_threshold_with_the_truncated_distribution(threshold):
     g = torch.Generator().manual_seed(0)

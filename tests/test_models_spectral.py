@@ -10,14 +10,6 @@ from models import build_discriminator, build_generator
 from models.spectral import SNConv2d, SNEmbedding, SNLinear, SpectralNorm, first_layer_sigma0, sigma0s
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _top_sv(layer: SpectralNorm) -> torch.Tensor:
     return torch.linalg.svdvals(layer.weight.detach().flatten(1).double())[0].float()
 

@@ -125,3 +125,16 @@ def test_classic_gans_and_tricks_train_with_health_checks(tmp_path, digits_shard
         assert len(trainer.replay) > 0 and "tricks/replay_size" in trainer.trick_metrics()
     if cfg.tricks.instance_noise:
         assert 0 < trainer.trick_metrics()["tricks/instance_noise_std"] < 0.1
+
+
+def test_bf16_attention_and_channels_last_train(tmp_path, digits_shards):
+    """The GPU defaults on CPU: bf16 engines (fp32 master weights, fp32 BatchNorm statistics), self-attention."""
+    shards, n = digits_shards
+    cfg = tiny_config(tmp_path, shards, n, **{"train.precision": "bf16", "model.attention": 16,
+                                              "train.channels_last": True, "train.steps": 2, "optim.zero_stage": 1})
+    trainer = make_trainer(cfg, tmp_path)
+    assert trainer.fit()["status"] == "finished"
+    assert next(trainer.G.parameters()).dtype == torch.bfloat16
+    gammas = [m.gamma for m in trainer.G.modules() if hasattr(m, "gamma")]
+    assert gammas and all(torch.isfinite(g).all() for g in gammas)
+    assert all(torch.isfinite(p.float()).all() for p in trainer.D.parameters())

@@ -1,0 +1,270 @@
+"""Sample quality of a preset trained on CPU for a fixed budget: FID in the dataset classifier's features and
+the Classification Accuracy Score (CAS) next to the real-data classifier's accuracy.
+
+    python bench/quality.py --minutes 5 --json quality.json --grid grid.png        # the demo preset
+    python bench/quality.py --preset dcgan-fmnist --steps 300 --set loss.kind=bce   # any preset, any override
+
+1. Data: Fashion-MNIST at 32 px (MNIST-5k where /usr/share/datasets/fashion-mnist is absent) as shards in
+   --data (made once, in this process, no Ray; the default is launch/demo.py's folder, so both share them).
+   Held-out real images: Fashion-MNIST's test split (MNIST-5k: images past the first 400 of each class, which
+   are the training shards), encoded and decoded exactly as the shards are.
+2. Training: the real `Trainer.fit()` in this process on one rank (gloo on 127.0.0.1, file rendezvous),
+   `cluster.num_workers=1` with the preset's global batch (gradient accumulation fills the gap), tracking off
+   unless --tracking-uri. --steps sets train.steps; --minutes stops at the first step past that wall time
+   (train.steps is shortened to it, so fit() ends as at a normal last step: checkpoint, samples).
+3. Evaluation of the final EMA G (standing statistics, no truncation): `pipeline.evaluation.score` with
+   eval.features=classifier (the small CNN trained once on --reference-images real images, cached next to
+   the manifest with the reference statistics): FID, the classifier score (IS in its logits), precision and
+   recall; then CAS: the same kind of classifier trained for the same epochs on --cas-samples generated images,
+   tested on the held-out images, next to the real classifier's accuracy on them.
+
+JSON (--json): {"preset", "overrides", "dataset", "steps", "train_s", "wall_s", "fid", "is_mean", "is_std",
+"precision", "recall", "cas", "real_accuracy", "eval": {...}, "config": {...}, ...}. FIDs in one classifier's
+features are comparable only with the same classifier (the "extractor" field names its weights digest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from pipeline import config as C  # noqa: E402
+from pipeline.presets import get_preset  # noqa: E402
+
+log = logging.getLogger("bench.quality")
+
+FASHION_MNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+RESOLUTION = 32
+MNIST_TRAIN_PER_CLASS = 400
+
+
+# -- data -------------------------------------------------------------------------------------------------------
+def dataset_name() -> str:
+    return "fashion-mnist" if FASHION_MNIST.is_dir() else "mnist-5k"
+
+
+def prepare_shards(out: str, dataset: str) -> str:
+    """Shards of the training images (once; make_shards reuses complete shards)."""
+    from data_prep.make_shards import make_shards
+
+    if not (Path(out) / "manifest.json").exists():
+        print(f"[data] writing {dataset} shards to {out}", flush=True)
+        per_class = MNIST_TRAIN_PER_CLASS if dataset == "mnist-5k" else None
+        make_shards(dataset, out, resolution=RESOLUTION, shard_size=5000, workers=0, progress=False,
+                    limit_per_class=per_class)
+    return out
+
+
+def held_out(dataset: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real test images (N, 3, 32, 32) in [-1, 1] and labels, through the shards' JPEG encode and PIL decode."""
+    from data_prep import sources
+    from data_prep.images import process_array
+    from pipeline.data.backends import decode_pil
+
+    if dataset == "fashion-mnist":
+        src = sources.fashion_mnist("test")
+        keep = np.arange(min(count, len(src)))
+    else:
+        src = sources.mnist_5k()
+        rank_in_class = np.zeros(len(src), np.int64)
+        seen: dict[int, int] = {}
+        for i, y in enumerate(src.labels.tolist()):
+            rank_in_class[i] = seen.get(y, 0)
+            seen[y] = rank_in_class[i] + 1
+        keep = np.flatnonzero(rank_in_class >= MNIST_TRAIN_PER_CLASS)[:count]
+    arrays = [decode_pil(process_array(src.pixels[src.refs[i]], RESOLUTION), RESOLUTION, 1.0, 0.5, 0.5, 0)
+              for i in keep]
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return images, torch.from_numpy(src.labels[keep])
+
+
+# -- training ---------------------------------------------------------------------------------------------------
+def init_single_process_group() -> None:
+    """World size 1 over gloo: a file rendezvous (nothing listens on a port) pinned to the loopback interface."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "GLOO_SOCKET_IFNAME": "lo"})
+        store = tempfile.NamedTemporaryFile(prefix="quality-pg-", delete=False).name
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+
+
+def build_config(args: argparse.Namespace, shards: str, out: Path) -> C.RunConfig:
+    from data_prep.shard_format import read_manifest
+
+    cfg = get_preset(args.preset)
+    cfg.data.shards = shards
+    cfg.model.num_classes = read_manifest(shards).num_classes
+    cfg.cluster.num_workers, cfg.cluster.use_gpu = 1, False
+    cfg.data.backend = "wds"
+    cfg.train.output_dir = str(out)
+    if args.steps:
+        cfg.train.steps = args.steps
+    C.apply_overrides(cfg, args.overrides)
+    if cfg.train.global_batch % cfg.data.batch_size:
+        cfg.data.batch_size = cfg.train.global_batch
+    return C.validate(cfg)
+
+
+def train(cfg: C.RunConfig, minutes: float | None, tracking_uri: str):
+    from pipeline.checkpoint import CheckpointStore
+    from pipeline.data import build_loader, read_manifest
+    from pipeline.tracking import Tracker
+    from pipeline.trainer import Trainer
+
+    init_single_process_group()
+
+    def make_loader(epoch: int, offset: int, seed: int):
+        return build_loader(cfg.data.shards, batch_size=cfg.data.batch_size, backend=cfg.data.backend, seed=seed,
+                            resolution=cfg.model.resolution, random_crop=cfg.data.random_crop, flip=cfg.data.flip,
+                            num_threads=cfg.data.num_threads, start_epoch=epoch, start_offset=offset)
+
+    run_name = f"quality-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tracker = Tracker(tracking_uri, "biggan-quality", run_name, enabled=bool(tracking_uri))
+    if tracking_uri:
+        tracker.log_params(cfg.flat())
+    out = Path(cfg.train.output_dir)
+    trainer = Trainer(cfg, make_loader=make_loader, store=CheckpointStore(str(out / "checkpoints")), tracker=tracker,
+                      device=torch.device("cpu"), class_names=read_manifest(cfg.data.shards)["classes"])
+    if minutes:
+        deadline = time.monotonic() + 60.0 * minutes
+        iterate = trainer.train_iteration
+
+        def budgeted() -> None:
+            iterate()
+            if time.monotonic() > deadline and trainer.step < cfg.train.steps:
+                cfg.train.steps = trainer.step  # fit() treats this step as the last one
+
+        trainer.train_iteration = budgeted
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - t0
+    tracker.close()
+    if trainer.loader is not None:
+        trainer.loader.close()
+    return trainer, result, seconds
+
+
+# -- evaluation -------------------------------------------------------------------------------------------------
+def evaluate(trainer, args: argparse.Namespace, dataset: str) -> dict:
+    from pipeline import evaluation
+    from pipeline.metrics import classification_accuracy_score
+    from pipeline.sample import class_grid, save_grid
+
+    cfg = trainer.cfg
+    ecfg = C.EvalConfig(
+        features="classifier", num_samples=args.eval_samples, batch_size=250, reference_images=args.reference_images,
+        classifier_epochs=args.classifier_epochs, pr_samples=args.eval_samples,
+        standing_stats_passes=cfg.eval.standing_stats_passes,
+    )
+    ref = evaluation.ReferenceSet(ecfg, cfg.data.shards, resolution=cfg.model.resolution,
+                                  num_classes=cfg.model.num_classes, output_dir=cfg.train.output_dir)
+    t0 = time.perf_counter()
+    classifier = ref.classifier()
+    clf_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores = evaluation.score(trainer.ema.model, ref, num_classes=cfg.model.num_classes)
+    fid_s = time.perf_counter() - t0
+
+    G = evaluation.evaluation_copy(trainer.ema.model, passes=ecfg.standing_stats_passes, batch_size=ecfg.batch_size)
+    test_x, test_y = held_out(dataset, args.test_images)
+    t0 = time.perf_counter()
+    cas = classification_accuracy_score(
+        G, num_classes=cfg.model.num_classes, dim_z=G.dim_z, test_images=test_x, test_labels=test_y,
+        num_samples=args.cas_samples, real_classifier=classifier, train_kwargs={"epochs": args.classifier_epochs},
+    )
+    cas_s = time.perf_counter() - t0
+    if args.grid:
+        n = cfg.model.num_classes
+        grid = class_grid(G, list(range(n)), args.grid_per_class, dim_z=G.dim_z, seed=0)
+        save_grid(grid, args.grid, nrow=args.grid_per_class)
+        print(f"[grid] {args.grid}: one row per class ({n} x {args.grid_per_class})", flush=True)
+    return {**scores, **cas, "extractor": ref.extractor().name, "reference_count": ref.count,
+            "test_images": int(test_x.shape[0]), "classifier_s": clf_s, "fid_s": fid_s, "cas_s": cas_s}
+
+
+# -- main -------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="demo", help="preset to train (default demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, as for the launch scripts (repeatable)")
+    p.add_argument("--steps", type=int, default=0, help="G steps (default: the preset's train.steps)")
+    p.add_argument("--minutes", type=float, default=None, help="training wall-time budget; stops at the first step past it")
+    p.add_argument("--data", default=str(ROOT / "data" / "demo-shards"), help="shard folder (made if missing)")
+    p.add_argument("--out", default=None, help="run folder for checkpoints and caches (default: a temporary one)")
+    p.add_argument("--reference-images", type=int, default=5000, help="real images for the classifier and FID reference")
+    p.add_argument("--eval-samples", type=int, default=5000, help="generated images for FID / precision / recall")
+    p.add_argument("--cas-samples", type=int, default=5000, help="generated images the CAS classifier trains on")
+    p.add_argument("--test-images", type=int, default=2000, help="held-out real images CAS is tested on")
+    p.add_argument("--classifier-epochs", type=int, default=5, help="epochs of both classifiers (real and CAS)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1: on a shared 2-core machine two threads ran the demo 4x slower)")
+    p.add_argument("--tracking-uri", default="", help="log the training run to this MLflow URI (default: off)")
+    p.add_argument("--grid", default=None, help="write a class grid PNG of the final EMA G here")
+    p.add_argument("--grid-per-class", type=int, default=10)
+    p.add_argument("--json", default=None, help="write the results here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(args.threads)
+    wall0 = time.perf_counter()
+    dataset = dataset_name()
+    shards = prepare_shards(args.data, dataset)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="quality-"))
+    cfg = build_config(args, shards, out)
+    print(f"[quality] preset {cfg.preset} on {dataset} ({shards}); steps <= {cfg.train.steps}"
+          + (f", budget {args.minutes:g} min" if args.minutes else "") + f"; overrides {args.overrides}", flush=True)
+    trainer, result, train_s = train(cfg, args.minutes, args.tracking_uri)
+    scores = evaluate(trainer, args, dataset)
+    wall_s = time.perf_counter() - wall0
+    report = {
+        "preset": cfg.preset, "overrides": args.overrides, "dataset": dataset, "status": result["status"],
+        "steps": trainer.step, "train_s": train_s, "wall_s": wall_s,
+        "images_seen": trainer.step * cfg.train.global_batch * cfg.loss.d_steps,
+        **scores,
+        "eval": {"reference_images": args.reference_images, "eval_samples": args.eval_samples,
+                 "cas_samples": args.cas_samples, "classifier_epochs": args.classifier_epochs,
+                 "standing_stats_passes": cfg.eval.standing_stats_passes, "truncation": 0.0},
+        "threads": args.threads, "machine": platform.machine(), "cpus": os.cpu_count(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "config": cfg.to_dict(),
+    }
+    buf = io.StringIO()
+    buf.write(f"preset {cfg.preset}: {trainer.step} steps in {train_s / 60:.1f} min ({result['status']}), "
+              f"wall {wall_s / 60:.1f} min\n")
+    buf.write(f"  FID (classifier features, {args.eval_samples} vs {scores['reference_count']} real): "
+              f"{scores['fid']:.3f}\n")
+    buf.write(f"  classifier score (IS): {scores.get('is_mean', float('nan')):.3f} +- {scores.get('is_std', float('nan')):.3f}"
+              f"   precision {scores.get('precision', float('nan')):.3f}  recall {scores.get('recall', float('nan')):.3f}\n")
+    buf.write(f"  CAS {scores['cas']:.3f}  vs real-data classifier {scores['real_accuracy']:.3f} "
+              f"(on {scores['test_images']} held-out images)\n")
+    print(buf.getvalue(), end="", flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
