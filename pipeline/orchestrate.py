@@ -71,7 +71,7 @@ def run_training(cfg: RunConfig, inject_collapse_at: int | None = None) -> dict:
 
     cfg = finalize(cfg)
     paths = run_paths(cfg)
-    init_ray()
+    init_ray(dashboard=True)
     job_id = os.environ.get("RAY_JOB_SUBMISSION_ID") or ray.get_runtime_context().get_job_id()
     print(f"[run] {cfg.tracking.run_name}: checkpoints {paths['checkpoints']}, tracking {cfg.tracking.tracking_uri}", flush=True)
     trainer = TorchTrainer(

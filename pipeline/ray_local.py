@@ -11,13 +11,14 @@ REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 PROJECT_PACKAGES = ("pipeline", "models", "data_prep")
 
 
-def init_ray(num_cpus: int | None = None, object_store_mb: int = 512) -> bool:
+def init_ray(num_cpus: int | None = None, object_store_mb: int = 512, dashboard: bool = False) -> bool:
     """Start embedded local Ray on loopback, or join RAY_ADDRESS; returns True if this call started Ray.
 
     Left alone, Ray binds the machine's network address even when given _node_ip_address=127.0.0.1. With
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in the environment (read when `ray` is imported, here and by every
     process Ray starts) it stays on loopback; the node address is checked after start. Gloo's sockets are
-    pinned to the loopback interface too (GLOO_SOCKET_IFNAME=lo), inherited by the local workers.
+    pinned to the loopback interface too (GLOO_SOCKET_IFNAME=lo), inherited by the local workers. `dashboard`
+    starts Ray's dashboard on 127.0.0.1 (Ray Train's state queries need it; make_shards does not).
     """
     if os.environ.get("RAY_ADDRESS"):
         import ray  # noqa: PLC0415
@@ -40,7 +41,8 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 512) -> bool:
         return False
     # NOTE: if `ray` was imported before the variable was set, its copy of the constant is stale
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1",
              object_store_memory=object_store_mb << 20, runtime_env=_runtime_env(), log_to_driver=True,
              logging_level=logging.WARNING)
     ips = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}

@@ -3,12 +3,17 @@ and the Model Registry, failures that only warn, cached reference statistics, an
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shutil
+import types
 import uuid
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from pipeline import config as C
 from pipeline import evaluation
@@ -25,21 +30,10 @@ FAST_EVAL = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    """Tiny models on CPU: one thread is as fast as two here and far faster when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture()
 def shards_copy(digits_shards, tmp_path):
     """The session's digits shards in a folder of this test's own, so caches written next to the manifest
     start empty."""
-    import shutil
-
     src, n = digits_shards
     dst = tmp_path / "shards"
     shutil.copytree(src, dst)
@@ -147,11 +141,7 @@ def test_eval_every_must_be_a_multiple_of_checkpoint_every():
 
 def _evaluate_on_two_ranks(rank: int, rendezvous: str, results: str) -> None:
     """One of two gloo ranks: rank 0 'evaluates' (a fixed FID, or a failure), every rank reports what it got."""
-    import json
-    import types
-
-    import torch.distributed as dist
-
+    torch.set_num_threads(1)  # a spawned process: conftest's session fixture does not reach it
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     got = []
     for outcome in (12.5, "fail"):
@@ -175,10 +165,6 @@ def _evaluate_on_two_ranks(rank: int, rendezvous: str, results: str) -> None:
 
 
 def test_rank0_fid_reaches_every_rank(tmp_path):
-    import json
-
-    import torch.multiprocessing as mp
-
     results = str(tmp_path / "got")
     mp.spawn(_evaluate_on_two_ranks, args=(str(tmp_path / "pg"), results), nprocs=2, join=True)
     for rank in (0, 1):
