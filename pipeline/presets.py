@@ -52,7 +52,7 @@ def demo() -> RunConfig:
     cfg.data.batch_size, cfg.data.num_threads = 32, 1
     cfg.optim.g_lr, cfg.optim.d_lr = 2e-4, 2e-4
     cfg.optim.zero_stage = 0
-    cfg.ema.decay, cfg.ema.start_step = 0.999, 100
+    cfg.ema.decay, cfg.ema.start_step = 0.99, 100  # a short run: average the last ~100 steps, not ~1000
     cfg.train.steps, cfg.train.global_batch = 400, 64
     cfg.train.log_every, cfg.train.sample_every, cfg.train.checkpoint_every = 10, 100, 100
     cfg.cluster.num_workers, cfg.cluster.use_gpu, cfg.cluster.max_failures = 2, False, 1
