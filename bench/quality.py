@@ -16,11 +16,14 @@ the Classification Accuracy Score (CAS) next to the real-data classifier's accur
    eval.features=classifier (the small CNN trained once on --reference-images real images, cached next to
    the manifest with the reference statistics): FID, the classifier score (IS in its logits), precision and
    recall; then CAS: the same kind of classifier trained for the same epochs on --cas-samples generated images,
-   tested on the held-out images, next to the real classifier's accuracy on them.
+   tested on the held-out images, next to the real classifier's accuracy on them. --raw-g scores the trained G
+   itself as well (an EMA whose decay is long for the run's length shows up as EMA G far behind G).
+   One torch thread by default: on a shared 2-core machine two threads made the demo step 4x slower.
 
 JSON (--json): {"preset", "overrides", "dataset", "steps", "train_s", "wall_s", "fid", "is_mean", "is_std",
-"precision", "recall", "cas", "real_accuracy", "eval": {...}, "config": {...}, ...}. FIDs in one classifier's
-features are comparable only with the same classifier (the "extractor" field names its weights digest).
+"precision", "recall", "cas", "real_accuracy", "raw_g": {...} (--raw-g), "eval": {...}, "config": {...}, ...};
+times (*_s) in seconds. FIDs in one classifier's features are comparable only with the same classifier (the
+"extractor" field names its weights digest).
 """
 
 from __future__ import annotations
@@ -162,10 +165,34 @@ def train(cfg: C.RunConfig, minutes: float | None, tracking_uri: str):
 
 
 # -- evaluation -------------------------------------------------------------------------------------------------
-def evaluate(trainer, args: argparse.Namespace, dataset: str) -> dict:
+def quality(G, ref, classifier, test: tuple[torch.Tensor, torch.Tensor], args: argparse.Namespace,
+            grid: str | None) -> dict:
+    """FID / classifier score / precision / recall, then CAS, of one generator (a standing-statistics copy)."""
     from pipeline import evaluation
     from pipeline.metrics import classification_accuracy_score
     from pipeline.sample import class_grid, save_grid
+
+    t0 = time.perf_counter()
+    scores = evaluation.score(G, ref, num_classes=ref.num_classes)
+    fid_s = time.perf_counter() - t0
+    G = evaluation.evaluation_copy(G, passes=ref.ecfg.standing_stats_passes, batch_size=ref.ecfg.batch_size)
+    t0 = time.perf_counter()
+    cas = classification_accuracy_score(
+        G, num_classes=ref.num_classes, dim_z=G.dim_z, test_images=test[0], test_labels=test[1],
+        num_samples=args.cas_samples, real_classifier=classifier, train_kwargs={"epochs": args.classifier_epochs},
+    )
+    cas_s = time.perf_counter() - t0
+    if grid:
+        n = ref.num_classes
+        save_grid(class_grid(G, list(range(n)), args.grid_per_class, dim_z=G.dim_z, seed=0), grid,
+                  nrow=args.grid_per_class)
+        print(f"[grid] {grid}: one row per class ({n} x {args.grid_per_class})", flush=True)
+    return {**scores, **cas, "fid_s": fid_s, "cas_s": cas_s}
+
+
+def evaluate(trainer, args: argparse.Namespace, dataset: str) -> dict:
+    """The final EMA G (and with --raw-g the trained G itself, under "raw_g")."""
+    from pipeline import evaluation
 
     cfg = trainer.cfg
     ecfg = C.EvalConfig(
@@ -178,25 +205,13 @@ def evaluate(trainer, args: argparse.Namespace, dataset: str) -> dict:
     t0 = time.perf_counter()
     classifier = ref.classifier()
     clf_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    scores = evaluation.score(trainer.ema.model, ref, num_classes=cfg.model.num_classes)
-    fid_s = time.perf_counter() - t0
-
-    G = evaluation.evaluation_copy(trainer.ema.model, passes=ecfg.standing_stats_passes, batch_size=ecfg.batch_size)
-    test_x, test_y = held_out(dataset, args.test_images)
-    t0 = time.perf_counter()
-    cas = classification_accuracy_score(
-        G, num_classes=cfg.model.num_classes, dim_z=G.dim_z, test_images=test_x, test_labels=test_y,
-        num_samples=args.cas_samples, real_classifier=classifier, train_kwargs={"epochs": args.classifier_epochs},
-    )
-    cas_s = time.perf_counter() - t0
-    if args.grid:
-        n = cfg.model.num_classes
-        grid = class_grid(G, list(range(n)), args.grid_per_class, dim_z=G.dim_z, seed=0)
-        save_grid(grid, args.grid, nrow=args.grid_per_class)
-        print(f"[grid] {args.grid}: one row per class ({n} x {args.grid_per_class})", flush=True)
-    return {**scores, **cas, "extractor": ref.extractor().name, "reference_count": ref.count,
-            "test_images": int(test_x.shape[0]), "classifier_s": clf_s, "fid_s": fid_s, "cas_s": cas_s}
+    test = held_out(dataset, args.test_images)
+    out = quality(trainer.ema.model, ref, classifier, test, args, args.grid)
+    if args.raw_g:
+        grid = str(Path(args.grid).with_name(Path(args.grid).stem + "_raw_g.png")) if args.grid else None
+        out["raw_g"] = quality(trainer.G, ref, classifier, test, args, grid)
+    return {**out, "extractor": ref.extractor().name, "reference_count": ref.count,
+            "test_images": int(test[0].shape[0]), "classifier_s": clf_s}
 
 
 # -- main -------------------------------------------------------------------------------------------------------
@@ -220,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default="", help="log the training run to this MLflow URI (default: off)")
     p.add_argument("--grid", default=None, help="write a class grid PNG of the final EMA G here")
     p.add_argument("--grid-per-class", type=int, default=10)
+    p.add_argument("--raw-g", action="store_true",
+                   help="also score the trained G itself (not its EMA) and draw its grid (<grid>_raw_g.png)")
     p.add_argument("--json", default=None, help="write the results here")
     return p
 
@@ -253,12 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     buf = io.StringIO()
     buf.write(f"preset {cfg.preset}: {trainer.step} steps in {train_s / 60:.1f} min ({result['status']}), "
               f"wall {wall_s / 60:.1f} min\n")
-    buf.write(f"  FID (classifier features, {args.eval_samples} vs {scores['reference_count']} real): "
-              f"{scores['fid']:.3f}\n")
-    buf.write(f"  classifier score (IS): {scores.get('is_mean', float('nan')):.3f} +- {scores.get('is_std', float('nan')):.3f}"
-              f"   precision {scores.get('precision', float('nan')):.3f}  recall {scores.get('recall', float('nan')):.3f}\n")
-    buf.write(f"  CAS {scores['cas']:.3f}  vs real-data classifier {scores['real_accuracy']:.3f} "
-              f"(on {scores['test_images']} held-out images)\n")
+    for label, sc in (("EMA G", scores), ("raw G", scores.get("raw_g"))):
+        if sc is None:
+            continue
+        nan = float("nan")
+        buf.write(f"  {label}: FID (classifier features, {args.eval_samples} vs {scores['reference_count']} real) "
+                  f"{sc['fid']:.3f}; classifier score (IS) {sc.get('is_mean', nan):.3f} +- {sc.get('is_std', nan):.3f}; "
+                  f"precision {sc.get('precision', nan):.3f} recall {sc.get('recall', nan):.3f}\n")
+        buf.write(f"  {label}: CAS {sc['cas']:.3f} vs real-data classifier {sc['real_accuracy']:.3f} "
+                  f"(on {scores['test_images']} held-out images)\n")
     print(buf.getvalue(), end="", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -418,7 +418,11 @@ class Trainer:
             local["sigma0_d_max"] = torch.stack(d_sigmas).max()
         if isinstance(getattr(self.G, "linear", None), SpectralNorm):
             local["sigma0_g_first"] = first_layer_sigma0(self.G)
-        return {**losses_now, **self._reduce(local)}
+        signals = {**losses_now, **self._reduce(local)}
+        fid = self.evaluator.take_fid()  # already the same on every rank (broadcast by the evaluator)
+        if fid is not None:
+            signals["fid"] = fid
+        return signals
 
     def check_health(self, losses_now: dict[str, float]):
         decision = self.health.observe(self.step, self.health_signals(losses_now))

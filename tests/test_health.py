@@ -134,3 +134,12 @@ def test_healthy_run_of_hundreds_of_steps_never_rolls_back(tmp_path, digits_shar
     trainer = make_trainer(cfg, tmp_path)
     result = trainer.fit()
     assert result == {**result, "status": "finished", "rollbacks": 0, "step": 300}
+
+
+def test_a_new_fid_is_judged_once_at_the_next_check(tmp_path, digits_shards):
+    shards, n = digits_shards
+    trainer = make_trainer(tiny_config(tmp_path, shards, n), tmp_path)
+    trainer.evaluator.last_fid = 42.0
+    assert trainer.health_signals({})["fid"] == 42.0
+    assert "fid" not in trainer.health_signals({})  # handed over once
+    assert {"sigma0_g_first", "sigma0_d_max", "variety"} <= trainer.health_signals({}).keys()
