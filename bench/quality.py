@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from pipeline import config as C  # noqa: E402
+from pipeline.engines import init_single_process_group  # noqa: E402
 from pipeline.presets import get_preset  # noqa: E402
 
 log = logging.getLogger("bench.quality")
@@ -97,15 +98,6 @@ def held_out(dataset: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # -- training ---------------------------------------------------------------------------------------------------
-def init_single_process_group() -> None:
-    """World size 1 over gloo: a file rendezvous (nothing listens on a port) pinned to the loopback interface."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                           "GLOO_SOCKET_IFNAME": "lo"})
-        store = tempfile.NamedTemporaryFile(prefix="quality-pg-", delete=False).name
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
 
 
 def build_config(args: argparse.Namespace, shards: str, out: Path) -> C.RunConfig:

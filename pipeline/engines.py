@@ -46,6 +46,20 @@ def adam(params, lr: float, cfg: RunConfig, device: torch.device) -> torch.optim
     return torch.optim.Adam([p for p in params if p.requires_grad], **kwargs)
 
 
+def init_single_process_group() -> None:
+    """World size 1 over gloo for in-process training (benchmarks, tests): a file rendezvous, so nothing listens
+    on a port, and gloo pinned to the loopback interface."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "GLOO_SOCKET_IFNAME": "lo"})
+        store = tempfile.NamedTemporaryFile(prefix="pg-", delete=False).name
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+
+
 def build_engines(cfg: RunConfig, G: nn.Module, D: nn.Module, device: torch.device, world_size: int):
     """Returns (g_engine, d_engine). Call on every rank after the process group exists."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import torch
-import torch.distributed as dist
 
 from pipeline import config as C
 from pipeline.checkpoint import CheckpointStore
 from pipeline.data import build_loader
+from pipeline.engines import init_single_process_group
 from pipeline.presets import get_preset
 from pipeline.tracking import Tracker
 from pipeline.trainer import Trainer
-
-
-def init_single_process_group() -> None:
-    """A file rendezvous (no TCP store listening anywhere) and gloo pinned to the loopback interface."""
-    if not dist.is_initialized():
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                           "GLOO_SOCKET_IFNAME": "lo"})
-        store = tempfile.NamedTemporaryFile(prefix="pg-", delete=False).name
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
 
 
 def tiny_config(tmp_path, shards: str, num_classes: int, **overrides) -> C.RunConfig:
