@@ -49,11 +49,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.loader import write_source  # noqa: E402
 from models.regularization import orthogonal_penalty  # noqa: E402
 from pipeline import config as C  # noqa: E402
 from pipeline.presets import get_preset  # noqa: E402
@@ -181,29 +181,15 @@ def grad_bytes_per_iter(params: dict[str, int], d_steps: int, dtype_bytes: int) 
     return (d_steps * params["D"] + params["G"]) * dtype_bytes
 
 
+
 # -- synthetic shards ------------------------------------------------------------------------------------------
-def write_synthetic_images(root: Path, n: int, side: int, classes: int = 10, seed: int = 0) -> None:
-    """Photo-like JPEGs (smooth per-class textures, shifted and noised), a bit larger than `side`."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0 : 2 * side, 0 : 2 * side].astype(np.float32)
-    bases = []
-    for c in range(classes):
-        f = rng.uniform(0.02, 0.12, 3)
-        bases.append(np.stack([128 + 90 * np.sin(xx * f[k] + yy * f[(k + 1) % 3] + c) for k in range(3)], -1))
-    for i in range(n):
-        c = i % classes
-        d = root / f"class{c:02d}"
-        d.mkdir(parents=True, exist_ok=True)
-        x0, y0 = rng.integers(0, side, 2)
-        arr = bases[c][y0 : y0 + side, x0 : x0 + side] + rng.integers(-8, 9, (side, side, 3))
-        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(d / f"{i:06d}.jpg", quality=90)
 
 
 def make_synthetic_shards(work: Path, n: int, resolution: int) -> str:
     from data_prep.make_shards import make_shards  # noqa: PLC0415
 
     src, out = work / "images", work / f"shards-{resolution}"
-    write_synthetic_images(src, n, side=resolution * 5 // 4)
+    write_source(src, n, size=(resolution * 5 // 4, resolution * 5 // 4))  # a bit larger than the crop
     make_shards(str(src), str(out), resolution=resolution, shard_size=256, workers=0, progress=False)
     return str(out)
 
