@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,21 +23,65 @@ class ConfigError(ValueError):
     """A configuration field is unknown or has a value that is not allowed."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric field: finite, and within the bounds given (None = unbounded)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def contains(self, value: float) -> bool:
+        # NOTE: written so that NaN fails every comparison and so every range
+        return (
+            math.isfinite(value)
+            and (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+
+    def __str__(self) -> str:
+        lo = (self.ge, "[") if self.ge is not None else (self.gt, "(") if self.gt is not None else None
+        hi = (self.le, "]") if self.le is not None else (self.lt, ")") if self.lt is not None else None
+        if lo and hi:
+            return f"in {lo[1]}{_num(lo[0])}, {_num(hi[0])}{hi[1]}"
+        if lo:
+            return f"{'>=' if lo[1] == '[' else '>'} {_num(lo[0])}"
+        if hi:
+            return f"{'<=' if hi[1] == ']' else '<'} {_num(hi[0])}"
+        return "finite"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None) -> Any:
+    """A numeric config field with its allowed range, e.g. `g_lr: float = bounded(1e-4, gt=0)`.
+
+    `validate` checks every such field (None stays allowed for `X | None` fields); a numeric field without a
+    range (or an entry in CHOICES) fails tests/test_config.py, so new fields cannot skip the check."""
+    return field(default=default, metadata={"range": Range(ge=ge, gt=gt, le=le, lt=lt)})
+
+
 @dataclass
 class ModelConfig:
     arch: str = "biggan"  # biggan | biggan-deep | dcgan
     resolution: int = 128  # output side in pixels: 32, 64, 128, 256, 512
-    num_classes: int = 0  # 0 = take it from the data manifest
-    g_ch: int | None = None  # G width multiplier; None = the paper's value for the arch
-    d_ch: int | None = None  # D width multiplier; None = the paper's value for the arch
-    dim_z: int | None = None  # latent size; None = 120 (BigGAN) or 128 (BigGAN-deep)
-    shared_dim: int = 128  # shared class-embedding size
+    num_classes: int = bounded(0, ge=0)  # 0 = take it from the data manifest
+    g_ch: int | None = bounded(None, ge=1)  # G width multiplier; None = the paper's value for the arch
+    d_ch: int | None = bounded(None, ge=1)  # D width multiplier; None = the paper's value for the arch
+    dim_z: int | None = bounded(None, ge=1)  # latent size; None = 120 (BigGAN) or 128 (BigGAN-deep)
+    shared_dim: int = bounded(128, ge=1)  # shared class-embedding size
     hier: bool = True  # skip-z: split z over G's blocks (BigGAN only)
-    depth: int = 2  # blocks per resolution (BigGAN-deep only)
-    attention: int | None = None  # resolution of the self-attention block; None = the paper's; 0 = none
-    bn_eps: float = 1e-5
-    sn_eps: float = 1e-6
-    num_sv_itrs: int = 1  # power iterations per training forward
+    depth: int = bounded(2, ge=1)  # blocks per resolution (BigGAN-deep only)
+    attention: int | None = bounded(None, ge=0)  # resolution of the self-attention block; None = the paper's; 0 = none
+    bn_eps: float = bounded(1e-5, gt=0)
+    sn_eps: float = bounded(1e-6, gt=0)
+    num_sv_itrs: int = bounded(1, ge=1)  # power iterations per training forward
     d_head: str = "projection"  # projection | acgan (auxiliary classifier; dcgan)
     d_norm: str = "batch"  # dcgan D normalization: batch | layer | none (WGAN-GP needs layer or none)
     d_conditioning: str = "projection"  # dcgan D conditioning: projection | concat
@@ -46,61 +91,61 @@ class ModelConfig:
 class DataConfig:
     shards: str = ""  # directory or fsspec URL holding manifest.json and the shards
     backend: str = "auto"  # auto | dali-gpu | dali-cpu | wds
-    batch_size: int = 64  # images per worker per micro-step
+    batch_size: int = bounded(64, ge=1)  # images per worker per micro-step
     random_crop: bool = False
     flip: bool = True
-    num_threads: int = 2  # decode threads per worker
+    num_threads: int = bounded(2, ge=1)  # decode threads per worker
     diffaug: str = ""  # DiffAugment policy for D's inputs, e.g. "color,translation,cutout"; "" = off
 
 
 @dataclass
 class OptimConfig:
-    g_lr: float = 1e-4
-    d_lr: float = 4e-4
-    beta1: float = 0.0
-    beta2: float = 0.999
-    eps: float = 1e-6
+    g_lr: float = bounded(1e-4, gt=0)
+    d_lr: float = bounded(4e-4, gt=0)
+    beta1: float = bounded(0.0, ge=0, lt=1)
+    beta2: float = bounded(0.999, ge=0, lt=1)
+    eps: float = bounded(1e-6, gt=0)
     zero_stage: int = 1  # DeepSpeed ZeRO stage for both engines: 0 or 1
 
 
 @dataclass
 class LossConfig:
     kind: str = "hinge"  # hinge | bce | wgan-gp
-    d_steps: int = 2  # D steps per G step
-    r1_gamma: float = 0.0  # R1 penalty weight on real images; 0 = off
-    r1_interval: int = 16  # lazy R1: every N D steps, scaled by N
-    gp_lambda: float = 10.0  # WGAN-GP gradient-penalty weight
-    ortho_beta: float = 1e-4  # BigGAN orthogonal regularization on G; 0 = off
-    label_smoothing: float = 0.0  # one-sided: real targets become 1 - this (bce)
-    label_flip: float = 0.0  # probability of flipping D's labels (bce)
-    acgan_weight: float = 1.0  # weight of the auxiliary classification loss (d_head=acgan)
+    d_steps: int = bounded(2, ge=1)  # D steps per G step
+    r1_gamma: float = bounded(0.0, ge=0)  # R1 penalty weight on real images; 0 = off
+    r1_interval: int = bounded(16, ge=1)  # lazy R1: every N D steps, scaled by N
+    gp_lambda: float = bounded(10.0, ge=0)  # WGAN-GP gradient-penalty weight
+    ortho_beta: float = bounded(1e-4, ge=0)  # BigGAN orthogonal regularization on G; 0 = off
+    label_smoothing: float = bounded(0.0, ge=0, lt=1)  # one-sided: real targets become 1 - this (bce)
+    label_flip: float = bounded(0.0, ge=0, lt=1)  # probability of flipping D's labels (bce)
+    acgan_weight: float = bounded(1.0, ge=0)  # weight of the auxiliary classification loss (d_head=acgan)
 
 
 @dataclass
 class TricksConfig:
-    instance_noise: float = 0.0  # initial std of Gaussian noise added to D's inputs; 0 = off
-    instance_noise_decay_steps: int = 10_000  # linear decay to 0 over this many steps
-    replay_size: int = 0  # images kept from past G outputs; 0 = off
-    replay_fraction: float = 0.5  # share of D's fake batch drawn from the replay buffer
+    instance_noise: float = bounded(0.0, ge=0)  # initial std of Gaussian noise added to D's inputs; 0 = off
+    instance_noise_decay_steps: int = bounded(10_000, ge=1)  # linear decay to 0 over this many steps
+    replay_size: int = bounded(0, ge=0)  # images kept from past G outputs; 0 = off
+    replay_fraction: float = bounded(0.5, ge=0, lt=1)  # share of D's fake batch drawn from the replay buffer
     z_dist: str = "normal"  # latent distribution: normal | uniform
 
 
 @dataclass
 class EMAConfig:
-    decay: float = 0.9999
-    start_step: int = 20_000  # before this, EMA G copies G
+    decay: float = bounded(0.9999, ge=0, lt=1)
+    start_step: int = bounded(20_000, ge=0)  # before this, EMA G copies G
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 250_000  # G steps
-    global_batch: int = 2048  # images per D step over all workers (gradient accumulation fills the gap)
-    seed: int = 0
+    steps: int = bounded(250_000, ge=1)  # G steps
+    global_batch: int = bounded(2048, ge=1)  # images per D step over all workers (gradient accumulation fills the gap)
+    seed: int = bounded(0, ge=0, le=2**31 - 1)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    log_every: int = 20
-    sample_every: int = 1000
-    checkpoint_every: int = 1000
-    keep_last: int = 3  # checkpoints kept besides the best and the newest healthy one
+    log_every: int = bounded(20, ge=1)
+    sample_every: int = bounded(1000, ge=1)
+    checkpoint_every: int = bounded(1000, ge=1)
+    keep_last: int = bounded(3, ge=0)  # checkpoints kept besides the best and the newest healthy one
     output_dir: str = "runs"  # local checkpoints and samples (per run subfolder)
     channels_last: bool = False  # NHWC images into D and G's convolutions (DeepSpeed keeps weights NCHW)
     compile: bool = False  # torch.compile G and D in place (GPU; measure with bench/throughput.py)
@@ -108,11 +153,11 @@ class TrainConfig:
 
 @dataclass
 class ClusterConfig:
-    num_workers: int = 2
+    num_workers: int = bounded(2, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: int = 1
+    cpus_per_worker: int = bounded(1, ge=1)
     storage_path: str = ""  # Ray Train storage (local path or s3://); "" = <output_dir>/ray
-    max_failures: int = 3  # restarts of the worker group from the last checkpoint
+    max_failures: int = bounded(3, ge=0)  # restarts of the worker group from the last checkpoint
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (one worker per node)
 
 
@@ -121,38 +166,38 @@ class TrackingConfig:
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "biggan"
     run_name: str = ""  # "" = <preset>-<timestamp>
-    retries: int = 3  # attempts per tracking call before warning and moving on
+    retries: int = bounded(3, ge=1)  # attempts per tracking call before warning and moving on
 
 
 @dataclass
 class HealthConfig:
     enabled: bool = True
-    every: int = 10  # G steps between health checks
-    window: int = 50  # trailing checks forming each signal's history
-    min_history: int = 10  # checks needed before relative rules fire
-    sigma_ratio: float = 3.0  # alarm when G's first-layer sigma0 exceeds k x its trailing median
-    d_sigma_ratio: float = 3.0  # alarm when D's max sigma0 exceeds k x its trailing median
-    d_loss_floor: float = 0.02  # alarm when D's real+fake loss stays below this ...
-    d_loss_patience: int = 5  # ... for this many consecutive checks
-    variety_ratio: float = 0.25  # alarm when EMA-G sample variety falls below k x its trailing median
-    fid_ratio: float = 1.5  # alarm when FID exceeds k x its trailing median (when evaluation runs)
-    healthy_after: int = 3  # alarm-free checks after a checkpoint before it counts as healthy
-    max_rollbacks: int = 3
+    every: int = bounded(10, ge=1)  # G steps between health checks
+    window: int = bounded(50, ge=1)  # trailing checks forming each signal's history
+    min_history: int = bounded(10, ge=1)  # checks needed before relative rules fire
+    sigma_ratio: float = bounded(3.0, gt=1)  # alarm when G's first-layer sigma0 exceeds k x its trailing median
+    d_sigma_ratio: float = bounded(3.0, gt=1)  # alarm when D's max sigma0 exceeds k x its trailing median
+    d_loss_floor: float = bounded(0.02, ge=0)  # alarm when D's real+fake loss stays below this ...
+    d_loss_patience: int = bounded(5, ge=1)  # ... for this many consecutive checks
+    variety_ratio: float = bounded(0.25, gt=0, lt=1)  # alarm when EMA-G sample variety falls below k x its trailing median
+    fid_ratio: float = bounded(1.5, gt=1)  # alarm when FID exceeds k x its trailing median (when evaluation runs)
+    healthy_after: int = bounded(3, ge=0)  # alarm-free checks after a checkpoint before it counts as healthy
+    max_rollbacks: int = bounded(3, ge=0)
     mitigation: str = "halve_lr,double_r1,reset_d_opt,reseed_data"
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # G steps between evaluations (a multiple of train.checkpoint_every; also the last step); 0 = off
-    num_samples: int = 10_000  # generated images per evaluation
+    every: int = bounded(0, ge=0)  # G steps between evaluations (a multiple of train.checkpoint_every; also the last step); 0 = off
+    num_samples: int = bounded(10_000, ge=1)  # generated images per evaluation
     features: str = "inception"  # inception | classifier (a small CNN trained once on the shards)
     inception_weights: str = ""  # path; "" = $BIGGAN_INCEPTION_WEIGHTS
-    standing_stats_passes: int = 16  # G forwards that set EMA G's batch-norm statistics before sampling; 0 = off
-    truncation: float = 0.0  # |z| threshold for evaluation samples; 0 = no truncation
-    batch_size: int = 64  # images per G forward and per feature-extractor batch
-    reference_images: int = 0  # real images for the reference statistics and the classifier; 0 = num_samples
-    pr_samples: int = 10_000  # feature rows per side compared for precision/recall
-    classifier_epochs: int = 8  # training passes of the dataset classifier (features=classifier)
+    standing_stats_passes: int = bounded(16, ge=0)  # G forwards that set EMA G's batch-norm statistics before sampling; 0 = off
+    truncation: float = bounded(0.0, ge=0)  # |z| threshold for evaluation samples; 0 = no truncation
+    batch_size: int = bounded(64, ge=1)  # images per G forward and per feature-extractor batch
+    reference_images: int = bounded(0, ge=0)  # real images for the reference statistics and the classifier; 0 = num_samples
+    pr_samples: int = bounded(10_000, ge=1)  # feature rows per side compared for precision/recall
+    classifier_epochs: int = bounded(8, ge=1)  # training passes of the dataset classifier (features=classifier)
     truncation_sweep: str = ""  # thresholds evaluated at the end of training, e.g. "0.25,0.5,1.0,0" (0 = none); "" = off
     register_model: str = "biggan-{preset}"  # MLflow registered-model name for best checkpoints; "" = off
 
@@ -296,27 +341,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: {flat[key]!r} is not allowed; choose one of {list(allowed)}")
-    positive = [
-        "data.batch_size", "loss.d_steps", "loss.r1_interval", "train.steps",
-        "train.global_batch", "train.log_every", "train.sample_every", "train.checkpoint_every",
-        "cluster.num_workers", "cluster.cpus_per_worker", "health.every", "health.window",
-        "model.num_sv_itrs", "data.num_threads",
-    ]
-    for key in positive:
-        if flat[key] is None or flat[key] <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
-    non_negative = [
-        "loss.r1_gamma", "loss.ortho_beta", "loss.gp_lambda", "tricks.instance_noise", "tricks.replay_size",
-        "model.num_classes", "train.keep_last", "cluster.max_failures", "health.max_rollbacks", "eval.every",
-    ]
-    for key in non_negative:
-        if flat[key] < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
-    for key in ("loss.label_smoothing", "loss.label_flip", "tricks.replay_fraction"):
-        if not 0.0 <= flat[key] < 1.0:
-            raise ConfigError(f"{key}: must be in [0, 1), got {flat[key]!r}")
-    if not 0.0 <= cfg.ema.decay < 1.0:
-        raise ConfigError(f"ema.decay: must be in [0, 1), got {cfg.ema.decay!r}")
+    check_ranges(cfg)
     per_step = cfg.data.batch_size * cfg.cluster.num_workers
     if cfg.train.global_batch % per_step:
         raise ConfigError(
@@ -334,14 +359,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"eval.every: {cfg.eval.every} is not a multiple of train.checkpoint_every {cfg.train.checkpoint_every}; "
             "evaluations judge (and mark best) the checkpoint of their step"
         )
-    for key in ("eval.num_samples", "eval.batch_size", "eval.pr_samples", "eval.classifier_epochs"):
-        if flat[key] <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
     if cfg.eval.features not in ("inception", "classifier"):
         raise ConfigError(f"eval.features: {cfg.eval.features!r} is not allowed; choose one of ['inception', 'classifier']")
-    for key in ("eval.standing_stats_passes", "eval.reference_images", "eval.truncation"):
-        if flat[key] < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
     try:
         sweep = parse_thresholds(cfg.eval.truncation_sweep)
     except ValueError:
@@ -357,6 +376,26 @@ def validate(cfg: RunConfig) -> RunConfig:
 
     check_combination(cfg)
     return cfg
+
+
+def field_ranges(cfg: RunConfig) -> dict[str, Range]:
+    """`section.field -> Range` for every field declared with `bounded`."""
+    out = {}
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(sub):
+            for f in dataclasses.fields(sub):
+                if "range" in f.metadata:
+                    out[f"{section.name}.{f.name}"] = f.metadata["range"]
+    return out
+
+
+def check_ranges(cfg: RunConfig) -> None:
+    flat = cfg.flat()
+    for key, allowed in field_ranges(cfg).items():
+        value = flat[key]
+        if value is not None and not allowed.contains(value):
+            raise ConfigError(f"{key}: must be {allowed}, got {value!r}")
 
 
 def parse_thresholds(text: str) -> list[float]:

@@ -40,7 +40,7 @@ def test_overrides_are_typed():
         ("train.steps=1.5", "train.steps: '1.5' is not a valid int"),
         ("data.flip=maybe", "data.flip: 'maybe' is not a valid bool"),
         ("loss.kind=lsgan", "loss.kind: 'lsgan' is not allowed; choose one of ['hinge', 'bce', 'wgan-gp']"),
-        ("train.steps=0", "train.steps: must be > 0"),
+        ("train.steps=0", "train.steps: must be >= 1, got 0"),
         ("ema.decay=1.5", "ema.decay: must be in [0, 1)"),
         ("model.attention=48", "model.attention: 48 is not a power-of-two"),
         ("health.mitigation=halve_lr,pray", "health.mitigation: 'pray' is not one of"),
@@ -52,6 +52,53 @@ def test_bad_fields_are_named(override, message):
     with pytest.raises(C.ConfigError) as err:
         C.validate(C.apply_overrides(get_preset("demo"), [override]))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.g_lr=-1e-4", "optim.g_lr: must be > 0, got -0.0001"),
+    ("optim.d_lr=nan", "optim.d_lr: must be > 0, got nan"),
+    ("optim.d_lr=inf", "optim.d_lr: must be > 0, got inf"),
+    ("optim.beta2=1.5", "optim.beta2: must be in [0, 1), got 1.5"),
+    ("health.d_loss_patience=0", "health.d_loss_patience: must be >= 1, got 0"),
+    ("health.variety_ratio=1", "health.variety_ratio: must be in (0, 1), got 1.0"),
+    ("model.g_ch=0", "model.g_ch: must be >= 1, got 0"),
+    ("train.seed=-3", "train.seed: must be in [0, 2147483647], got -3"),
+])
+def test_out_of_range_numbers_name_the_field_and_range(override, message):
+    with pytest.raises(C.ConfigError) as err:
+        C.validate(C.apply_overrides(get_preset("demo"), [override]))
+    assert message in str(err.value)
+
+
+def _numeric(typ) -> bool:
+    import types
+    import typing
+
+    args = typing.get_args(typ) if typing.get_origin(typ) in (types.UnionType, typing.Union) else (typ,)
+    return any(a in (int, float) for a in args)
+
+
+def test_every_numeric_field_declares_its_range():
+    """A new int/float field must come with `bounded(...)` (or a CHOICES entry), so validate checks it."""
+    import dataclasses
+    import typing
+
+    cfg = C.RunConfig()
+    ranges = C.field_ranges(cfg)
+    missing = []
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(sub):
+            continue
+        for name, typ in typing.get_type_hints(type(sub)).items():
+            key = f"{section.name}.{name}"
+            if _numeric(typ) and key not in ranges and key not in C.CHOICES:
+                missing.append(key)
+    assert not missing, f"numeric fields without a declared range: {missing}"
+    assert len(ranges) > 50
+    # and each declared default lies inside its own range
+    flat = cfg.flat()
+    assert [k for k, r in ranges.items() if flat[k] is not None and not r.contains(flat[k])] == []
 
 
 def test_yaml_overrides_and_errors(tmp_path):
