@@ -8,6 +8,13 @@ folder is also built under a `.partial` name and renamed, so even a listing neve
 
 `labels.json` at the root records which checkpoints are healthy (the health monitor's verdict) and which one
 is the best by FID; retention never deletes the newest healthy or the best one.
+
+Never losing the good copy: only "not found" means absent. Any other error reading `labels.json` or a
+`COMMITTED` (a transient S3 error, a torn or invalid file) stops retention for that round instead of being
+read as "nothing there". On a local store every file and folder is fsynced before `COMMITTED` is written.
+A checkpoint that fails verification is quarantined (renamed to `quarantine/step-XXXXXXXX-<time>`, never
+deleted) and the previous good one is used (`newest_good`). Digests are computed by the rank that wrote
+each file and handed to `commit`, so rank 0 never re-reads the store to checksum it.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +39,24 @@ log = logging.getLogger(__name__)
 
 COMMIT_FILE = "COMMITTED"
 LABELS_FILE = "labels.json"
+QUARANTINE_DIR = "quarantine"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+_EMPTY_LABELS = {"healthy": [], "best": None}
+
+
+class StoreReadError(OSError):
+    """Something in the store exists (or may exist) but could not be read: never taken as "absent".
+
+    `permanent` is True when reading again cannot help (invalid JSON, a folder in place of the file); False
+    for what may pass (a connection error, an S3 5xx)."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A committed checkpoint's files do not match its COMMITTED record, or a file in it is not safe to load."""
 
 
 def _sha256(path: Path) -> str:
@@ -42,8 +67,29 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def digests(local_dir: Path) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} of every file under local_dir: computed where the files were written."""
+    local_dir = Path(local_dir)
+    return {
+        p.relative_to(local_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(local_dir.rglob("*")) if p.is_file()
+    }
+
+
+def _fsync_path(path: str | Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The process's random streams as tensors and plain types (loadable with torch.load(weights_only=True))."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -51,7 +97,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -69,6 +116,9 @@ class CheckpointStore:
         self.root = root.rstrip("/")
         self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        # label changes made while labels.json could not be read: applied at the next successful read
+        self._pending_labels: list[Callable[[dict], None]] = []
+        self._labels_seen: dict | None = None  # the last labels read or written by this process
 
     # -- naming -------------------------------------------------------------------------------------------------
     def step_dir(self, step: int) -> str:
@@ -82,39 +132,45 @@ class CheckpointStore:
         """Rank 0, before any rank publishes: clear leftovers of an earlier failed save of this step."""
         target = self._staging_name(step)
         for path in {target, self.step_dir(step)}:
-            if self.fs.exists(path) and not self._committed(path):
+            if self.fs.exists(path) and self._read_committed(path) is None:
                 self.fs.rm(path, recursive=True)
         self.fs.makedirs(target, exist_ok=True)
 
-    def publish(self, step: int, local_dir: Path) -> None:
-        """Every rank: copy its staged files into the checkpoint folder (not yet visible)."""
+    def publish(self, step: int, local_dir: Path, files: Iterable[str] | None = None) -> None:
+        """Every rank: copy its staged files (all, or the relative paths in `files`) into the checkpoint folder
+        (not yet visible). On a local store each file and each folder is fsynced before this returns."""
         target = self._staging_name(step)
-        for file in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
-            rel = file.relative_to(local_dir).as_posix()
+        local_dir = Path(local_dir)
+        rels = sorted(files) if files is not None else sorted(
+            p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file()
+        )
+        folders = set()
+        for rel in rels:
             dest = f"{target}/{rel}"
-            self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.put_file(str(file), dest)
+            folder = dest.rsplit("/", 1)[0]
+            self.fs.makedirs(folder, exist_ok=True)
+            self.fs.put_file(str(local_dir / rel), dest)
+            if self.local:
+                _fsync_path(dest)
+                folders.add(folder)
+        for folder in sorted(folders, key=len, reverse=True):
+            _fsync_path(folder, directory=True)
 
-    def commit(self, step: int, extra: dict | None = None) -> CheckpointInfo:
-        """Rank 0, after every rank published: checksum everything, write COMMITTED last, make it visible."""
+    def commit(self, step: int, files: dict[str, dict], extra: dict | None = None) -> CheckpointInfo:
+        """Rank 0, after every rank published: write COMMITTED last (listing `files`, the digests the writing
+        ranks computed), then make the folder visible."""
         target = self._staging_name(step)
-        files = {}
-        for path in sorted(self.fs.find(target)):
-            rel = path[len(target) + 1 :]
-            if rel == COMMIT_FILE:
-                continue
-            with self.fs.open(path, "rb") as f:
-                h = hashlib.sha256()
-                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
-                    h.update(chunk)
-            files[rel] = {"size": self.fs.size(path), "sha256": h.hexdigest()}
-        meta = {"step": step, "created": time.time(), "files": files, **(extra or {})}
+        if self.local:  # the folders of every rank's files are durable before COMMITTED names them
+            for folder in sorted({f"{target}/{rel}".rsplit("/", 1)[0] for rel in files}, key=len, reverse=True):
+                _fsync_path(folder, directory=True)
+        meta = {"step": step, "created": time.time(), "files": dict(sorted(files.items())), **(extra or {})}
         self._write_json(f"{target}/{COMMIT_FILE}", meta)
         if self.local:
             final = self.step_dir(step)
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(target, final)
+            _fsync_path(self._root_path, directory=True)
         return CheckpointInfo(step, self.step_dir(step), meta)
 
     def _write_json(self, path: str, data: dict) -> None:
@@ -126,60 +182,96 @@ class CheckpointStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            _fsync_path(os.path.dirname(path), directory=True)
         else:
             with self.fs.open(path, "wb") as f:  # an object PUT is atomic
                 f.write(payload)
 
     # -- reading --------------------------------------------------------------------------------------------------
-    def _committed(self, folder: str) -> dict | None:
-        path = f"{folder}/{COMMIT_FILE}"
+    def _read_json(self, path: str) -> dict | None:
+        """None only when the file does not exist; StoreReadError for anything else that goes wrong."""
         try:
             with self.fs.open(path, "rb") as f:
-                return json.loads(f.read())
-        except (FileNotFoundError, json.JSONDecodeError, OSError):
+                raw = f.read()
+        except FileNotFoundError:
             return None
+        except Exception as err:  # noqa: BLE001 - IsADirectoryError, PermissionError, S3 5xx, timeouts ...
+            permanent = isinstance(err, IsADirectoryError | NotADirectoryError | PermissionError)
+            raise StoreReadError(f"{path}: could not be read ({type(err).__name__}: {err})", permanent) from err
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise StoreReadError(f"{path}: is not valid JSON ({err})", permanent=True) from err
+        if not isinstance(data, dict):
+            raise StoreReadError(f"{path}: is not a JSON object", permanent=True)
+        return data
 
-    def list(self) -> list[CheckpointInfo]:
-        """Committed checkpoints, oldest first. Incomplete folders are not listed."""
+    def _read_committed(self, folder: str) -> dict | None:
+        meta = self._read_json(f"{folder}/{COMMIT_FILE}")
+        if meta is not None and not isinstance(meta.get("files"), dict):
+            raise StoreReadError(f"{folder}/{COMMIT_FILE}: has no file list", permanent=True)
+        return meta
+
+    def _scan(self) -> tuple[list[CheckpointInfo], dict[int, StoreReadError]]:
+        """(committed checkpoints oldest first, {step: why its COMMITTED could not be read})."""
         if not self.fs.exists(self._root_path):
-            return []
-        out = []
+            return [], {}
+        out, unreadable = [], {}
         for entry in self.fs.ls(self._root_path, detail=False):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
             m = _STEP_DIR.match(name)
             if not m:
                 continue
-            meta = self._committed(f"{self._root_path}/{name}")
+            try:
+                meta = self._read_committed(f"{self._root_path}/{name}")
+            except StoreReadError as err:
+                unreadable[int(m.group(1))] = err
+                continue
             if meta is not None:
                 out.append(CheckpointInfo(int(m.group(1)), f"{self._root_path}/{name}", meta))
-        return sorted(out, key=lambda c: c.step)
+        return sorted(out, key=lambda c: c.step), unreadable
+
+    def list(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first. Incomplete folders and unreadable COMMITTED files are not listed."""
+        found, unreadable = self._scan()
+        for step, why in unreadable.items():
+            log.warning("checkpoint at step %d is not listed: %s", step, why)
+        return found
 
     def latest(self) -> CheckpointInfo | None:
         found = self.list()
         return found[-1] if found else None
 
     def get(self, step: int) -> CheckpointInfo:
-        meta = self._committed(self.step_dir(step))
+        meta = self._read_committed(self.step_dir(step))
         if meta is None:
             raise FileNotFoundError(f"no committed checkpoint for step {step} under {self.root}")
         return CheckpointInfo(step, self.step_dir(step), meta)
 
-    def fetch(self, info: CheckpointInfo, local_dir: Path, verify: bool = True) -> Path:
-        """Make the checkpoint readable at a local path, verifying every file against COMMITTED.
-
-        A local store is read in place; a remote one is downloaded into local_dir.
-        """
+    def fetch(self, info: CheckpointInfo, local_dir: Path, verify: bool = True,
+              files: Iterable[str] | None = None) -> Path:
+        """Make the checkpoint's files (all, or the relative paths in `files`) readable at a local path,
+        verifying each against COMMITTED. A local store is read in place; a remote one is downloaded into
+        local_dir/step-XXXXXXXX (the caller deletes it when done)."""
+        wanted = sorted(info.meta["files"] if files is None else files)
+        unknown = [rel for rel in wanted if rel not in info.meta["files"]]
+        if unknown:
+            raise CorruptCheckpointError(f"{info.path}: COMMITTED does not list {unknown}")
         if self.local:
             root = Path(info.path)
         else:
             root = Path(local_dir) / f"step-{info.step:08d}"
             if root.exists():
                 shutil.rmtree(root)
-            for rel in info.meta["files"]:
+            for rel in wanted:
                 dest = root / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(f"{info.path}/{rel}", str(dest))
-        for rel, rec in info.meta["files"].items():
+                try:
+                    self.fs.get_file(f"{info.path}/{rel}", str(dest))
+                except FileNotFoundError as err:
+                    raise CorruptCheckpointError(f"{info.path}: {rel} is missing") from err
+        for rel in wanted:
+            rec = info.meta["files"][rel]
             path = root / rel
             if not path.is_file() or path.stat().st_size != rec["size"]:
                 raise CorruptCheckpointError(f"{info.path}: {rel} is missing or has the wrong size")
@@ -187,24 +279,107 @@ class CheckpointStore:
                 raise CorruptCheckpointError(f"{info.path}: {rel} does not match its checksum")
         return root
 
-    # -- labels and retention ------------------------------------------------------------------------------------
-    def labels(self) -> dict:
+    # -- the previous good copy ----------------------------------------------------------------------------------
+    def quarantine(self, step: int, reason: str) -> str:
+        """Move a checkpoint that failed verification out of the way (never deleted), and say why next to it."""
+        dest = f"{self._root_path}/{QUARANTINE_DIR}/step-{step:08d}-{int(time.time())}"
+        self.fs.makedirs(f"{self._root_path}/{QUARANTINE_DIR}", exist_ok=True)
+        if self.local:
+            os.replace(self.step_dir(step), dest)
+            _fsync_path(self._root_path, directory=True)
+        else:
+            self.fs.mv(self.step_dir(step), dest, recursive=True)
+        with self.fs.open(f"{dest}/QUARANTINED.txt", "wb") as f:
+            f.write(f"{reason}\n".encode())
+        log.error("quarantined the checkpoint of step %d as %s: %s", step, dest, reason)
+        return dest
+
+    def newest_good(self, before: int | None = None, healthy: bool = False,
+                    on_quarantine: Callable[[int, str], None] | None = None) -> CheckpointInfo | None:
+        """Rank 0: the newest committed checkpoint (before step `before`; labelled healthy if asked) whose
+        COMMITTED reads and whose files are all there with their recorded sizes. Newer ones that fail are
+        quarantined. The checksums are verified by each rank when it fetches the files it loads."""
+        found, unreadable = self._scan()
+        steps = {c.step: c for c in found}
+        if healthy:
+            labelled = set(self.labels()["healthy"])
+            steps = {s: c for s, c in steps.items() if s in labelled}
+        candidates = sorted([*steps, *(s for s in unreadable if not healthy)], reverse=True)
+        for step in candidates:
+            if before is not None and step >= before:
+                continue
+            if step in unreadable and not unreadable[step].permanent:
+                raise unreadable[step]  # it may well be good: try again later rather than fall back
+            problem = str(unreadable[step]) if step in unreadable else self._missing_files(steps[step])
+            if problem is None:
+                return steps[step]
+            self.quarantine(step, problem)
+            if on_quarantine is not None:
+                on_quarantine(step, problem)
+        return None
+
+    def _missing_files(self, info: CheckpointInfo) -> str | None:
         try:
-            with self.fs.open(f"{self._root_path}/{LABELS_FILE}", "rb") as f:
-                return json.loads(f.read())
-        except (FileNotFoundError, json.JSONDecodeError, OSError):
-            return {"healthy": [], "best": None}
+            listed = {p[len(info.path) + 1:]: d for p, d in
+                      ((e["name"].rstrip("/"), e) for e in self.fs.find(info.path, detail=True).values())}
+        except FileNotFoundError:
+            return f"{info.path} is gone"
+        for rel, rec in info.meta["files"].items():
+            if rel not in listed:
+                return f"{info.path}: {rel} is missing"
+            if int(listed[rel].get("size", -1)) != rec["size"]:
+                return f"{info.path}: {rel} has {listed[rel].get('size')} bytes, COMMITTED says {rec['size']}"
+        return None
+
+    # -- labels and retention ------------------------------------------------------------------------------------
+    def _read_labels(self) -> dict:
+        """labels.json as stored, with this process's unsaved changes applied; StoreReadError unless readable."""
+        data = self._read_json(f"{self._root_path}/{LABELS_FILE}")
+        labels = {**_EMPTY_LABELS, **(data or {})}
+        labels["healthy"] = list(labels["healthy"])
+        for change in self._pending_labels:
+            change(labels)
+        return labels
+
+    def labels(self) -> dict:
+        """The labels for reading. If labels.json cannot be read right now, what this process last saw (with its
+        unsaved changes), and a warning: never an empty record that someone could write back."""
+        try:
+            labels = self._read_labels()
+        except StoreReadError as err:
+            log.warning("checkpoint labels: %s; using what this process last saw", err)
+            labels = json.loads(json.dumps(self._labels_seen or _EMPTY_LABELS))
+            for change in self._pending_labels:
+                change(labels)
+            return labels
+        self._labels_seen = labels
+        return labels
+
+    def _update_labels(self, change: Callable[[dict], None]) -> None:
+        """Read, change, write. When labels.json cannot be read it is left alone: the change waits in memory
+        and goes out with the next update that can read it."""
+        self._pending_labels.append(change)
+        try:
+            labels = self._read_labels()
+        except StoreReadError as err:
+            log.warning("checkpoint labels not updated (kept in memory until readable): %s", err)
+            return
+        self._write_json(f"{self._root_path}/{LABELS_FILE}", labels)
+        self._pending_labels.clear()
+        self._labels_seen = labels
 
     def mark_healthy(self, step: int) -> None:
-        labels = self.labels()
-        if step not in labels["healthy"]:
-            labels["healthy"] = sorted([*labels["healthy"], step])
-            self._write_json(f"{self._root_path}/{LABELS_FILE}", labels)
+        def change(labels: dict) -> None:
+            if step not in labels["healthy"]:
+                labels["healthy"] = sorted([*labels["healthy"], step])
+
+        self._update_labels(change)
 
     def mark_best(self, step: int, score: float | None, metric: str = "fid") -> None:
-        labels = self.labels()
-        labels["best"] = {"step": step, metric: score, "metric": metric}
-        self._write_json(f"{self._root_path}/{LABELS_FILE}", labels)
+        def change(labels: dict) -> None:
+            labels["best"] = {"step": step, metric: score, "metric": metric}
+
+        self._update_labels(change)
 
     def newest_healthy(self, before: int | None = None) -> CheckpointInfo | None:
         committed = {c.step: c for c in self.list()}
@@ -216,16 +391,25 @@ class CheckpointStore:
         for info in self.list():
             if info.step > step:
                 self.fs.rm(info.path, recursive=True)
-        labels = self.labels()
-        labels["healthy"] = [s for s in labels["healthy"] if s <= step]
-        if labels["best"] and labels["best"]["step"] > step:
-            labels["best"] = None
-        self._write_json(f"{self._root_path}/{LABELS_FILE}", labels)
+
+        def change(labels: dict) -> None:
+            labels["healthy"] = [s for s in labels["healthy"] if s <= step]
+            if labels["best"] and labels["best"]["step"] > step:
+                labels["best"] = None
+
+        self._update_labels(change)
 
     def apply_retention(self, keep_last: int) -> list[int]:
-        """Delete all but the newest `keep_last`, the newest healthy and the best; sweep partial folders."""
-        committed = self.list()
-        labels = self.labels()
+        """Delete all but the newest `keep_last`, the newest healthy and the best; sweep partial folders.
+        Deletes nothing when labels.json or any COMMITTED cannot be read: it may name what must be kept."""
+        try:
+            committed, unreadable = self._scan()
+            if unreadable:
+                raise StoreReadError("; ".join(map(str, unreadable.values())))
+            labels = self._read_labels()
+        except StoreReadError as err:
+            log.warning("retention skipped, nothing deleted: %s", err)
+            return []
         keep = {c.step for c in committed[-keep_last:]} if keep_last > 0 else set()
         if committed:
             keep.add(committed[-1].step)  # never delete the one a restart would resume from
@@ -248,7 +432,3 @@ class CheckpointStore:
         if removed:
             log.info("retention removed checkpoints at steps %s", removed)
         return removed
-
-
-class CorruptCheckpointError(RuntimeError):
-    """A committed checkpoint's files do not match its COMMITTED record."""

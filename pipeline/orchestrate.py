@@ -162,8 +162,8 @@ def worker_main(config: dict) -> None:
         report=report, inject_collapse_at=config.get("inject_collapse_at"),
     )
     if resume is not None:
-        trainer.load_checkpoint(resume)
-        if rank == 0:
+        resume = trainer.restore()  # the newest good one: a corrupt newest is quarantined, the one before used
+        if rank == 0 and resume is not None:
             print(f"[resume] from step {resume.step} ({resume.path})", flush=True)
     nodes = [None] * world
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())

@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,11 +21,12 @@ from models.regularization import orthogonal_penalty
 from models.spectral import SpectralNorm, first_layer_sigma0, sigma0s
 from pipeline import losses, tricks
 from pipeline.augment import diff_augment
-from pipeline.checkpoint import CheckpointInfo, CheckpointStore, rng_state, set_rng_state
+from pipeline.checkpoint import CheckpointInfo, CheckpointStore
 from pipeline.config import RunConfig, grad_accumulation_steps
 from pipeline.ema import EMA
 from pipeline.engines import build_engines, use_bf16
 from pipeline.health import HealthMonitor, apply_mitigation
+from pipeline.snapshot import Snapshot
 from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -108,6 +107,7 @@ class Trainer:
         from pipeline.evaluation import Evaluator
 
         self.evaluator = Evaluator(self)  # eval.every: FID of EMA G after checkpoints; last_fid for the health check
+        self.snapshot = Snapshot(self)  # what a checkpoint holds: add state as a Part in snapshot.shared/per_rank
 
     # -- sampling ----------------------------------------------------------------------------------------------
     def _fixed_samples(self):
@@ -273,57 +273,12 @@ class Trainer:
         return {**g, **d}
 
     # -- checkpoints -------------------------------------------------------------------------------------------
-    def trainer_state(self) -> dict:
-        return {
-            "step": self.step,
-            "d_steps_done": self.d_steps_done,
-            "rollbacks": self.rollbacks,
-            "ema": self.ema.state_dict(),
-            "data_position": self.loader.state(),
-            "data_seed": self.data_seed,
-            "r1_gamma": self.cfg.loss.r1_gamma,
-            "mlflow_run_id": self.tracker.run_id,
-            "health": self.health.state_dict(),
-            "config": self.cfg.to_dict(),
-            "class_names": self.class_names,
-        }
-
-    def rank_state(self) -> dict:
-        return {"rng": rng_state(), "noise": self.noise.get_state(), "replay": self.replay.state_dict()}
-
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
 
-    def save_checkpoint(self, metrics: dict | None = None) -> CheckpointInfo | None:
-        staging = Path(tempfile.mkdtemp(prefix=f"ckpt-{self.step:08d}-", dir=self.work_dir))
-        try:
-            if self.rank == 0:
-                self.store.begin(self.step)
-            self.barrier()
-            self.g_engine.save_checkpoint(str(staging / "g"), tag="ckpt")
-            self.d_engine.save_checkpoint(str(staging / "d"), tag="ckpt")
-            torch.save(self.rank_state(), staging / f"rank{self.rank}.pt")
-            if self.rank == 0:
-                torch.save(self.trainer_state(), staging / "trainer.pt")
-                # a weights-only file for sampling and evaluation elsewhere: tensors, plain config and names
-                torch.save(
-                    {"g_ema_state": self.ema.state_dict(), "config": self.cfg.to_dict(), "class_names": self.class_names,
-                     "step": self.step},
-                    staging / "g_ema.pt",
-                )
-            self.store.publish(self.step, staging)
-            self.barrier()
-            info = None
-            if self.rank == 0:
-                info = self.store.commit(self.step, {
-                    "metrics": metrics or {}, "world_size": self.world_size, "mlflow_run_id": self.tracker.run_id,
-                })
-                self.store.apply_retention(self.cfg.train.keep_last)
-            self.barrier()
-            return info or self.store.get(self.step)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    def save_checkpoint(self, metrics: dict | None = None) -> CheckpointInfo:
+        return self.snapshot.save(metrics)
 
     def open_loader(self, epoch: int, offset: int) -> None:
         """(Re)start the data stream at a position, with the current data seed."""
@@ -338,25 +293,11 @@ class Trainer:
         self.open_loader(**self.loader.state())
 
     def load_checkpoint(self, info: CheckpointInfo, restore_data: bool = True) -> None:
-        root = self.store.fetch(info, self.work_dir / "restore")
-        self.g_engine.load_checkpoint(str(root / "g"), tag="ckpt")
-        self.d_engine.load_checkpoint(str(root / "d"), tag="ckpt")
-        state = torch.load(root / "trainer.pt", map_location=self.device, weights_only=False)
-        self.step, self.d_steps_done = state["step"], state["d_steps_done"]
-        self.cfg.loss.r1_gamma, self.data_seed = state["r1_gamma"], state["data_seed"]
-        self.ema.load_state_dict(state["ema"])
-        self.health.load_state_dict(state["health"])
-        if self.tracker.run_id is None:
-            self.tracker.run_id = state["mlflow_run_id"]
-        rank_file = root / f"rank{self.rank}.pt"
-        if rank_file.exists():  # absent when the world size changed: fresh per-rank randomness
-            rs = torch.load(rank_file, map_location="cpu", weights_only=False)
-            set_rng_state(rs["rng"])
-            self.noise.set_state(rs["noise"].to(self.noise.get_state().device))
-            self.replay.load_state_dict(rs["replay"])
-        if restore_data:
-            self.open_loader(**state["data_position"])
-        log.info("rank %d: restored step %d from %s", self.rank, self.step, info.path)
+        self.snapshot.load(info, restore_data=restore_data)
+
+    def restore(self, before: int | None = None, healthy: bool = False) -> CheckpointInfo | None:
+        """The newest good checkpoint on every rank (corrupt ones quarantined); None if there is none."""
+        return self.snapshot.restore(before=before, healthy=healthy)
 
     # -- collapse drill and rollback -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -370,17 +311,13 @@ class Trainer:
 
     def rollback(self, decision) -> bool:
         """Restore the newest healthy checkpoint before the onset on every rank; False if there is none left."""
-        target = torch.tensor([-1], device=self.device)
-        if self.rank == 0:
-            found = self.store.newest_healthy(before=decision.onset_step + 1)
-            target[0] = found.step if found else -1
-        if self.world_size > 1:
-            dist.broadcast(target, src=0)
-        step = int(target.item())
-        if step < 0 or self.rollbacks >= self.cfg.health.max_rollbacks:
+        if self.rollbacks >= self.cfg.health.max_rollbacks:
             return False
         from_step, rollbacks = self.step, self.rollbacks + 1
-        self.load_checkpoint(self.store.get(step))
+        restored = self.restore(before=decision.onset_step + 1, healthy=True)
+        if restored is None:
+            return False
+        step = restored.step
         self.rollbacks = rollbacks
         self.rollback_log.append((from_step, step))
         self.barrier()

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from pipeline.checkpoint import COMMIT_FILE, CheckpointStore, CorruptCheckpointError
+from pipeline.checkpoint import COMMIT_FILE, CheckpointStore, CorruptCheckpointError, digests
 
 
 def _save(store: CheckpointStore, step: int, tmp_path, payload: bytes = b"weights") -> None:
@@ -15,7 +15,7 @@ def _save(store: CheckpointStore, step: int, tmp_path, payload: bytes = b"weight
     (staged / "trainer.pt").write_bytes(b"state")
     store.begin(step)
     store.publish(step, staged)
-    store.commit(step, {"note": "x"})
+    store.commit(step, digests(staged), {"note": "x"})
 
 
 def test_half_written_checkpoint_is_never_listed_or_loaded(tmp_path):

@@ -85,10 +85,10 @@ def test_checkpoint_holds_everything_and_exports_weights_only(tmp_path, digits_s
     trainer.fit()
     info = trainer.store.latest()
     root = trainer.store.fetch(info, tmp_path / "dl")
-    state = torch.load(root / "trainer.pt", weights_only=False)
+    state = torch.load(root / "trainer.pt", weights_only=True)  # tensors and plain types only
     assert {"step", "ema", "data_position", "mlflow_run_id", "health", "config", "class_names"} <= state.keys()
     assert state["mlflow_run_id"] == "run-abc" and state["step"] == 2
-    rank = torch.load(root / "rank0.pt", weights_only=False)
+    rank = torch.load(root / "rank0.pt", weights_only=True)
     assert {"rng", "noise", "replay"} <= rank.keys()
     assert (root / "g" / "ckpt").is_dir() and (root / "d" / "ckpt").is_dir()  # both engines with optimizers
     exported = torch.load(root / "g_ema.pt", weights_only=True)  # safe to load from anywhere
