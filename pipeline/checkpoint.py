@@ -84,6 +84,15 @@ def _fsync_path(path: str | Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _folders_up_to(folder: str, top: str) -> set[str]:
+    """folder and each parent of it up to and including top (their entries name the new files and folders)."""
+    out = {top}
+    while folder.startswith(top + "/"):
+        out.add(folder)
+        folder = folder.rsplit("/", 1)[0]
+    return out
+
+
 def rng_state() -> dict:
     """The process's random streams as tensors and plain types (loadable with torch.load(weights_only=True))."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -152,7 +161,7 @@ class CheckpointStore:
             self.fs.put_file(str(local_dir / rel), dest)
             if self.local:
                 _fsync_path(dest)
-                folders.add(folder)
+                folders |= _folders_up_to(folder, target)
         for folder in sorted(folders, key=len, reverse=True):
             _fsync_path(folder, directory=True)
 
@@ -161,7 +170,8 @@ class CheckpointStore:
         ranks computed), then make the folder visible."""
         target = self._staging_name(step)
         if self.local:  # the folders of every rank's files are durable before COMMITTED names them
-            for folder in sorted({f"{target}/{rel}".rsplit("/", 1)[0] for rel in files}, key=len, reverse=True):
+            folders = set().union(*(_folders_up_to(f"{target}/{rel}".rsplit("/", 1)[0], target) for rel in files))
+            for folder in sorted(folders, key=len, reverse=True):
                 _fsync_path(folder, directory=True)
         meta = {"step": step, "created": time.time(), "files": dict(sorted(files.items())), **(extra or {})}
         self._write_json(f"{target}/{COMMIT_FILE}", meta)

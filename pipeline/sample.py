@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from pipeline.config import RunConfig, from_dict
 from pipeline.metrics.evaluate import truncated_normal
+from pipeline.snapshot import safe_load
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +131,8 @@ def read_checkpoint(source: str | os.PathLike, *, tracking_uri: str | None = Non
     source = str(source)
     if _is_mlflow_uri(source):
         with tempfile.TemporaryDirectory(prefix="biggan-sample-") as tmp:
-            return torch.load(_checkpoint_file(_download(source, Path(tmp), tracking_uri)), map_location="cpu",
-                              weights_only=True)
-    return torch.load(_checkpoint_file(Path(source)), map_location="cpu", weights_only=True)
+            return safe_load(_checkpoint_file(_download(source, Path(tmp), tracking_uri)))
+    return safe_load(_checkpoint_file(Path(source)))  # weights only; a refusal names the file
 
 
 def build_generator(cfg: RunConfig, num_classes: int) -> nn.Module:

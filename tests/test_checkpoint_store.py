@@ -113,3 +113,110 @@ def test_s3_store_round_trip_and_torn_upload_is_invisible(s3_server, tmp_path, m
     assert (root / "g" / "model.pt").read_bytes() == b"weights" * 4
     store.mark_healthy(4)
     assert store.newest_healthy().step == 4
+
+
+# -- never losing the good copy -------------------------------------------------------------------------------
+def _three_labelled(tmp_path) -> CheckpointStore:
+    store = CheckpointStore(str(tmp_path / "ckpts"))
+    for step in (10, 20, 30, 40, 50):
+        _save(store, step, tmp_path)
+    store.mark_healthy(20)
+    store.mark_best(10, 4.0)
+    return store
+
+
+@pytest.mark.parametrize("damage", ["directory", "truncated", "not-an-object"])
+def test_unreadable_labels_stop_retention_instead_of_deleting(tmp_path, damage):
+    store = _three_labelled(tmp_path)
+    labels = tmp_path / "ckpts" / "labels.json"
+    good = labels.read_text()
+    labels.unlink()
+    if damage == "directory":  # a real read error that is not "not found" (root reads through permissions)
+        labels.mkdir()
+    else:
+        labels.write_text(good[: len(good) // 2] if damage == "truncated" else "[20]")
+    assert store.apply_retention(keep_last=1) == []
+    assert [c.step for c in store.list()] == [10, 20, 30, 40, 50]
+    # a label change made meanwhile neither overwrites the unreadable file nor is lost
+    store.mark_healthy(40)
+    assert labels.is_dir() if damage == "directory" else labels.read_text() != good
+    assert 40 in store.labels()["healthy"] and store.labels()["best"]["step"] == 10  # what it last saw
+    if labels.is_dir():
+        labels.rmdir()
+    labels.write_text(good)
+    store.mark_best(20, 3.0)  # the next update that can read the file carries the waiting change too
+    assert json.loads(labels.read_text())["healthy"] == [20, 40]
+    assert store.apply_retention(keep_last=1) == [10, 30]
+
+
+def test_missing_labels_mean_no_labels(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ckpts"))
+    for step in (1, 2, 3):
+        _save(store, step, tmp_path)
+    assert store.labels() == {"healthy": [], "best": None}
+    assert store.apply_retention(keep_last=1) == [1, 2]
+
+
+def test_unreadable_committed_stops_retention_and_is_quarantined_for_resume(tmp_path):
+    store = _three_labelled(tmp_path)
+    commit = tmp_path / "ckpts" / "step-00000050" / COMMIT_FILE
+    commit.write_text(commit.read_text()[:40])  # torn
+    assert store.apply_retention(keep_last=1) == []
+    assert [c.step for c in store.list()] == [10, 20, 30, 40]
+    seen = []
+    assert store.newest_good(on_quarantine=lambda step, why: seen.append((step, why))).step == 40
+    assert seen and seen[0][0] == 50 and "not valid JSON" in seen[0][1]
+    (moved,) = (tmp_path / "ckpts" / "quarantine").iterdir()
+    assert moved.name.startswith("step-00000050-") and "not valid JSON" in (moved / "QUARANTINED.txt").read_text()
+    assert store.apply_retention(keep_last=1) == [30]  # readable again: retention goes on
+
+
+def test_newest_good_skips_checkpoints_with_missing_or_torn_files(tmp_path):
+    store = _three_labelled(tmp_path)
+    (tmp_path / "ckpts" / "step-00000050" / "trainer.pt").unlink()
+    with open(tmp_path / "ckpts" / "step-00000040" / "g" / "model.pt", "ab") as f:
+        f.write(b"torn")
+    assert store.newest_good().step == 30
+    assert store.newest_good(healthy=True).step == 20
+    assert store.newest_good(before=20).step == 10
+    assert sorted(p.name[:13] for p in (tmp_path / "ckpts" / "quarantine").iterdir()) == ["step-00000040", "step-00000050"]
+
+
+def test_every_file_and_folder_is_fsynced_before_committed(tmp_path, monkeypatch):
+    """Record what reaches os.fsync (real files, real descriptors) and when COMMITTED gets written."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    store = CheckpointStore(str(tmp_path / "ckpts"))
+    staged = tmp_path / "staged"
+    (staged / "g" / "ckpt").mkdir(parents=True)
+    (staged / "g" / "ckpt" / "model.pt").write_bytes(b"w" * 100)
+    (staged / "trainer.pt").write_bytes(b"t")
+    store.begin(3)
+    store.publish(3, staged)
+    before_commit = set(synced)
+    store.commit(3, digests(staged))
+    partial = str(tmp_path / "ckpts" / "step-00000003.partial")
+    wanted = {f"{partial}/g/ckpt/model.pt", f"{partial}/trainer.pt", f"{partial}/g/ckpt", f"{partial}/g", partial}
+    assert wanted - before_commit <= {f"{partial}/g", partial}  # parents of files: synced by commit, before it
+    commit_at = next(i for i, p in enumerate(synced) if "COMMITTED" in p)
+    assert wanted <= set(synced[:commit_at])
+    assert str(tmp_path / "ckpts") in synced[commit_at:]  # the rename into place is durable too
+
+
+def test_commit_records_the_digests_of_the_writers_not_a_reread(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ckpts"))
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "trainer.pt").write_bytes(b"written")
+    store.begin(1)
+    store.publish(1, staged)
+    (tmp_path / "ckpts" / "step-00000001.partial" / "trainer.pt").write_bytes(b"rotted!")  # damaged in the store
+    store.commit(1, digests(staged))
+    with pytest.raises(CorruptCheckpointError, match="trainer.pt does not match its checksum"):
+        store.fetch(store.get(1), tmp_path / "dl")
