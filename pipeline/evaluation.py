@@ -345,33 +345,30 @@ class Evaluator:
         local.parent.mkdir(parents=True, exist_ok=True)
         t.store.fs.get_file(f"{info.path}/{CHECKPOINT_FILE}", str(local))
         artifact_path = f"checkpoints/step-{step:08d}"
-        t.tracker.log_artifact(local, artifact_path)
+        t.tracker.log_artifact(local, artifact_path, delete_after=True)  # deleted once uploaded, not before
         name = self.cfg.register_model.replace("{preset}", t.cfg.preset)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-registry")
         self._pending.append(self._pool.submit(self._register, local, artifact_path, name, fid, step))
 
     def _register(self, local: Path, artifact_path: str, name: str, fid: float, step: int) -> None:
-        """Background: once the tracker has uploaded the artifact, register it (name "" = only upload)."""
+        """Background: once the tracker has uploaded the artifact, register it (name "" = only upload).
+        The tracker deletes `local` once its upload succeeded (log_artifact delete_after), never before."""
         t = self.trainer
-        try:
-            if not t.tracker.flush(timeout=REGISTER_WAIT_S):
-                raise TimeoutError(f"the upload of {artifact_path} did not finish in {REGISTER_WAIT_S:.0f}s")
-            if not name:
-                return
-            run_id = t.tracker.run_id
-            from mlflow import MlflowClient
+        if not t.tracker.flush(timeout=REGISTER_WAIT_S):
+            raise TimeoutError(f"the upload of {artifact_path} did not finish in {REGISTER_WAIT_S:.0f}s")
+        if not name:
+            return
+        run_id = t.tracker.run_id
+        from mlflow import MlflowClient
 
-            client = MlflowClient(tracking_uri=t.tracker.tracking_uri)
-            if not any(f.path.endswith(CHECKPOINT_FILE) for f in client.list_artifacts(run_id, artifact_path)):
-                raise FileNotFoundError(f"run {run_id} has no artifact {artifact_path}/{CHECKPOINT_FILE}")
-            version = metrics.register_best(run_id, artifact_path, name, t.cfg, t.class_names, fid, step=step,
-                                            tracking_uri=t.tracker.tracking_uri)
-            t.tracker.set_tags({"best_model_version": f"{name}/{version.version}"})
-            print(f"[eval] registered {name} version {version.version} (fid {fid:.4g}, step {step})", flush=True)
-        finally:
-            with contextlib.suppress(OSError):
-                local.unlink()
+        client = MlflowClient(tracking_uri=t.tracker.tracking_uri)
+        if not any(f.path.endswith(CHECKPOINT_FILE) for f in client.list_artifacts(run_id, artifact_path)):
+            raise FileNotFoundError(f"run {run_id} has no artifact {artifact_path}/{CHECKPOINT_FILE}")
+        version = metrics.register_best(run_id, artifact_path, name, t.cfg, t.class_names, fid, step=step,
+                                        tracking_uri=t.tracker.tracking_uri)
+        t.tracker.set_tags({"best_model_version": f"{name}/{version.version}"})
+        print(f"[eval] registered {name} version {version.version} (fid {fid:.4g}, step {step})", flush=True)
 
     def _sweep(self, thresholds: list[float]) -> list[dict[str, float]]:
         t = self.trainer

@@ -1,26 +1,40 @@
 """MLflow tracking that never stalls or kills training.
 
-Every call is queued and sent by one background thread, so the training step never waits on the network. A
-tracking server that goes away gets a warning and retries with back-off; what could not be sent stays queued
-(bounded) and goes out when the server is back. One MLflow run per training job: a restarted worker group
-reopens the run whose id the checkpoint carries, or finds it by the job's run name.
+Every call is queued and sent by one background thread, so the training step never waits on the network.
+Failures are sorted by what they mean:
+- transient (connection refused or reset, timeouts): the server is away. The call stays at the head of the
+  queue and is retried with doubling back-off (capped at `max_wait`); it goes out when the server is back.
+- server-side (5xx, 429): retried up to `retries` attempts, then dropped.
+- permanent (other 4xx, a missing local file): dropped at once.
+A dropped call is counted (`tracking/dropped`, sent with the next metrics) and logged once per kind of
+failure. A run deleted under us is replaced by a new run of the same name, tagged with the old id, and
+the call is sent there. The queue is bounded in memory: beyond `max_pending` calls it spills to a local file
+and replays in order; past the file's limit new calls are dropped and counted. Files handed over with
+`log_artifact(..., delete_after=True)` are deleted only once their upload succeeded.
+
+One MLflow run per training job: a restarted worker group reopens the run whose id the checkpoint carries,
+or finds it by the job's run name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
+import tempfile
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
+
+from pipeline.backlog import Backlog
 
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "biggan.run_name"
-MAX_PENDING = 20_000
+REPLACES_TAG = "biggan.replaces_run"  # on a run made because the job's run was deleted: the deleted run's id
+MAX_PENDING = 10_000  # calls kept in memory; more spill to a local file
 
 
 def default_tracking_uri(cwd: str | None = None) -> str:
@@ -38,6 +52,34 @@ def quiet_http_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 
+def _chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def classify(err: BaseException) -> str:
+    """"transient" (the server is unreachable), "server" (5xx, 429: retry a few times) or "permanent"."""
+    import requests
+
+    chain = list(_chain(err))
+    if any(isinstance(e, requests.exceptions.RetryError) for e in chain):
+        return "server"  # urllib3 gave up on repeated 5xx / 429 answers
+    if any(isinstance(e, requests.exceptions.ConnectionError | requests.exceptions.Timeout | ConnectionError
+                      | TimeoutError) for e in chain):
+        return "transient"
+    if isinstance(err, FileNotFoundError | IsADirectoryError):
+        return "permanent"
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        status = err.get_http_status_code()
+        return "server" if status == 429 or status >= 500 else "permanent"
+    return "server"  # unknown: retried a few times, never forever
+
+
 class Tracker:
     """Sends params, metrics, tags and artifacts of one run. `enabled=False` (ranks > 0) makes every call a no-op."""
 
@@ -50,6 +92,9 @@ class Tracker:
         enabled: bool = True,
         retries: int = 3,
         retry_wait: float = 2.0,
+        max_wait: float = 30.0,
+        max_pending: int = MAX_PENDING,
+        spill_path: str | Path | None = None,
     ):
         self.enabled = enabled
         self.tracking_uri = tracking_uri
@@ -58,8 +103,18 @@ class Tracker:
         self.run_id = run_id
         self.retries = max(1, retries)
         self.retry_wait = retry_wait
-        self.failures = 0
-        self._pending: deque[tuple[str, tuple]] = deque()
+        self.max_wait = max(max_wait, retry_wait)
+        self.failures = 0  # failed attempts of any kind
+        self.dropped = 0  # calls given up on (permanent failures, server errors past `retries`, a full backlog)
+        self._dropped_sent = 0
+        self._dropped_kinds: set[tuple[str, str]] = set()
+        self._params: dict[str, str] = {}  # everything logged as params: re-sent to a replacement run
+        self._last_step = 0
+        if spill_path is None and enabled:
+            spill_path = Path(tempfile.gettempdir()) / f"biggan-tracking-{os.getpid()}-{id(self):x}.jsonl"
+        self._backlog = Backlog(spill_path, max_memory=max_pending)
+        self._head_attempts = 0
+        self._wait = retry_wait
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._client = None
@@ -80,8 +135,9 @@ class Tracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._put("_set_tags", ({k: str(v) for k, v in tags.items()},))
 
-    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self._put("_log_artifact", (str(local_path), artifact_path))
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None, delete_after: bool = False) -> None:
+        """Upload a file; with delete_after the tracker deletes it once the upload succeeded (kept otherwise)."""
+        self._put("_log_artifact", (str(local_path), artifact_path, delete_after))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._put("_log_text", (text, artifact_file))
@@ -96,22 +152,29 @@ class Tracker:
             time.sleep(0.05)
         return self.run_id
 
+    @property
+    def pending(self) -> int:
+        return len(self._backlog) + self._queue.qsize()
+
     def flush(self, timeout: float = 60.0) -> bool:
-        """Wait until everything queued has been sent (True) or the timeout passes (False)."""
+        """Wait until everything queued has been sent or dropped (True) or the timeout passes (False)."""
         if not self.enabled:
             return True
+        self._queue.put("retry")  # do not sit out a back-off: try now
         deadline = time.time() + timeout
         while time.time() < deadline:
             with self._lock:
-                idle = self._queue.empty() and not self._pending and not self._busy
+                idle = self._queue.empty() and not len(self._backlog) and not self._busy
             if idle:
                 return True
             time.sleep(0.05)
-        log.warning("mlflow: %d tracking calls still unsent after %.0fs", len(self._pending), timeout)
+        log.warning("mlflow: %d tracking calls still unsent after %.0fs", self.pending, timeout)
         return False
 
     def close(self, timeout: float = 60.0) -> None:
         if self.enabled and self._thread is not None:
+            if self.dropped != self._dropped_sent:
+                self.log_metrics({}, self._last_step)  # carries tracking/dropped
             self.flush(timeout)
             self._queue.put(None)
             self._thread.join(timeout=5)
@@ -123,54 +186,85 @@ class Tracker:
         if self.enabled:
             self._queue.put((op, args))
 
+    def _take_queued(self, first) -> bool:
+        """Move what was queued into the backlog; False when close() asked the thread to end."""
+        item, more = first, True
+        while more:
+            if item is None:
+                return False
+            if item != "retry":
+                self._backlog.append(item)
+                self.dropped += self._backlog.dropped  # a full backlog refuses new calls
+                self._backlog.dropped = 0
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                more = False
+        return True
+
     def _loop(self) -> None:
         while True:
             try:
-                item = self._queue.get(timeout=self.retry_wait if self._pending else None)
+                item = self._queue.get(timeout=self._wait if len(self._backlog) else None)
             except queue.Empty:
                 item = "retry"
-            if item is None:
-                self._drain(final=True)
-                return
             with self._lock:
                 self._busy = True
-                if item != "retry":
-                    if len(self._pending) >= MAX_PENDING:
-                        self._pending.popleft()
-                        log.warning("mlflow: dropping the oldest unsent tracking call (over %d queued)", MAX_PENDING)
-                    self._pending.append(item)
+                running = self._take_queued(item)
             try:
-                self._drain()
+                self._drain(final=not running)
             finally:
                 with self._lock:
                     self._busy = False
+            if not running:
+                return
 
     def _drain(self, final: bool = False) -> None:
-        while self._pending:
-            op, args = self._pending[0]
-            ok = False
-            for attempt in range(self.retries):
-                try:
-                    if op != "_ensure_run":
-                        self._ensure_run()
-                    getattr(self, op)(*args)
-                    ok = True
-                    break
-                except Exception as err:  # noqa: BLE001 - any tracking failure must not reach training
-                    self.failures += 1
-                    log.warning(
-                        "mlflow: %s failed (attempt %d/%d) at %s: %s", op, attempt + 1, self.retries,
-                        self.tracking_uri, str(err).splitlines()[0][:200],
-                    )
-                    if attempt + 1 < self.retries:
-                        time.sleep(self.retry_wait * (attempt + 1))
-            if not ok:
+        while (head := self._backlog.peek()) is not None:
+            op, args = head
+            outcome = self._attempt(op, args)
+            if outcome == "wait":
                 if final:
-                    log.warning("mlflow: giving up on %d unsent tracking calls", len(self._pending))
-                    self._pending.clear()
-                return  # keep it queued; the loop retries later
+                    n = self._backlog.clear()
+                    self.dropped += n
+                    log.warning("mlflow: giving up on %d unsent tracking calls at %s", n, self.tracking_uri)
+                return  # the loop comes back after the back-off
             with self._lock:
-                self._pending.popleft()
+                self._backlog.pop()
+            self._head_attempts, self._wait = 0, self.retry_wait
+
+    def _attempt(self, op: str, args: tuple) -> str:
+        """Send one call: "done" (sent or dropped for good) or "wait" (retry it after the back-off)."""
+        for _ in range(2):  # a second go only after replacing a deleted run
+            try:
+                if op != "_ensure_run":
+                    self._ensure_run()
+                getattr(self, op)(*args)
+                return "done"
+            except Exception as err:  # noqa: BLE001 - any tracking failure must not reach training
+                self.failures += 1
+                kind = classify(err)
+                if kind == "permanent" and op != "_ensure_run" and self._replace_deleted_run():
+                    continue
+                return self._failed(op, err, kind)
+        return "done"
+
+    def _failed(self, op: str, err: BaseException, kind: str) -> str:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        self._head_attempts += 1
+        if kind == "transient" or (kind == "server" and self._head_attempts < self.retries):
+            if self._head_attempts == 1 or self._head_attempts % 10 == 0:
+                log.warning("mlflow: %s failed (%s, attempt %d) at %s: %s; retrying in %.1fs", op, kind,
+                            self._head_attempts, self.tracking_uri, reason, self._wait)
+            self._wait = min(self._wait * 2, self.max_wait) if self._head_attempts > 1 else self._wait
+            return "wait"
+        self.dropped += 1
+        key = (op, f"{kind}:{type(err).__name__}:{getattr(err, 'error_code', '')}")
+        if key not in self._dropped_kinds:  # once per kind of failure; the count says how many
+            self._dropped_kinds.add(key)
+            log.warning("mlflow: dropped %s (%s failure, not retried further) at %s: %s", op, kind,
+                        self.tracking_uri, reason)
+        return "done"
 
     def _mlflow(self):
         if self._client is None:
@@ -179,12 +273,16 @@ class Tracker:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
+    def _experiment_id(self) -> str:
+        client = self._mlflow()
+        exp = client.get_experiment_by_name(self.experiment)
+        return exp.experiment_id if exp else client.create_experiment(self.experiment)
+
     def _ensure_run(self) -> None:
         if self.run_id is not None:
             return
         client = self._mlflow()
-        exp = client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
+        exp_id = self._experiment_id()
         found = client.search_runs(
             [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{self.run_name}'", max_results=1
         )
@@ -197,9 +295,36 @@ class Tracker:
             self.run_id = run.info.run_id
             log.info("mlflow: created run %s (%s) at %s", self.run_name, self.run_id, self.tracking_uri)
 
+    def _replace_deleted_run(self) -> bool:
+        """After a permanent failure: if our run was deleted, continue in a new run tagged with the old id
+        (the same replacement on every later restart) and re-send the params. True if it did."""
+        from mlflow.exceptions import MlflowException
+
+        client, old = self._mlflow(), self.run_id
+        if old is None:
+            return False
+        try:
+            if client.get_run(old).info.lifecycle_stage != "deleted":
+                return False
+        except MlflowException as err:
+            if err.get_http_status_code() != 404:
+                return False
+        exp_id = self._experiment_id()
+        found = client.search_runs([exp_id], filter_string=f"tags.`{REPLACES_TAG}` = '{old}'", max_results=1)
+        if found:
+            self.run_id = found[0].info.run_id
+        else:
+            tags = {RUN_NAME_TAG: self.run_name, REPLACES_TAG: old}
+            self.run_id = client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
+        log.warning("mlflow: run %s was deleted; continuing in run %s (tag %s)", old, self.run_id, REPLACES_TAG)
+        if self._params:
+            self._log_params(dict(self._params))
+        return True
+
     def _log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
+        self._params.update(params)
         client, items = self._mlflow(), list(params.items())
         existing = client.get_run(self.run_id).data.params
         # NOTE: params are immutable in MLflow; a reopened run keeps the first values and we log only new keys
@@ -207,20 +332,31 @@ class Tracker:
         for i in range(0, len(items), 100):
             client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
 
-    def _log_metrics(self, metrics: dict[str, float], step: int, ts: int) -> None:
+    def _log_metrics(self, metrics: dict[str, float], step: int, ts: int | None = None) -> None:
         from mlflow.entities import Metric
 
+        ts = ts or int(time.time() * 1000)
+        self._last_step = max(self._last_step, step)
         batch = [Metric(k, v, ts, step) for k, v in metrics.items()]
+        dropped = self.dropped
+        if dropped != self._dropped_sent:
+            batch.append(Metric("tracking/dropped", float(dropped), ts, step))
         for i in range(0, len(batch), 1000):
             self._mlflow().log_batch(self.run_id, metrics=batch[i : i + 1000])
+        self._dropped_sent = dropped
 
     def _set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
         self._mlflow().log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
-    def _log_artifact(self, local_path: str, artifact_path: str | None) -> None:
+    def _log_artifact(self, local_path: str, artifact_path: str | None, delete_after: bool = False) -> None:
+        if not os.path.isfile(local_path):
+            raise FileNotFoundError(f"{local_path}: no such file to upload")
         self._mlflow().log_artifact(self.run_id, local_path, artifact_path)
+        if delete_after:
+            with contextlib.suppress(OSError):
+                os.unlink(local_path)
 
     def _log_text(self, text: str, artifact_file: str) -> None:
         self._mlflow().log_text(self.run_id, text, artifact_file)
