@@ -237,24 +237,35 @@ class Snapshot:
             t.tracker.set_tags({f"checkpoint.quarantined.{step}": reason[:4000]})
 
         while True:
-            step = -1
+            step, problem = -1, None
             if t.rank == 0:
-                found = t.store.newest_good(before=before, healthy=healthy, on_quarantine=tag)
-                step = found.step if found else -1
+                try:
+                    found = t.store.newest_good(before=before, healthy=healthy, on_quarantine=tag)
+                    step = found.step if found else -1
+                except Exception as err:  # noqa: BLE001 - every rank must hear of it, or they wait forever
+                    step, problem = -2, err
             step = self._broadcast_step(step)
+            if step == -2:
+                raise problem or RuntimeError("rank 0 could not pick a checkpoint to restore (see its log)")
             if step < 0:
                 return None
-            error = None
+            outcome: tuple[str, str] | None = None
             try:
                 info = t.store.get(step)
                 self.load(info)
-            except CorruptCheckpointError as err:
-                error = str(err)
-                log.error("rank %d: checkpoint of step %d is not usable: %s", t.rank, step, error)
-            errors = [e for e in self._gather(error) if e]
-            if not errors:
+            except (CorruptCheckpointError, FileNotFoundError) as err:
+                outcome = ("corrupt", str(err))
+                log.error("rank %d: checkpoint of step %d is not usable: %s", t.rank, step, err)
+            except Exception as err:  # noqa: BLE001 - told to every rank first, so none waits forever
+                outcome = ("error", f"{type(err).__name__}: {err}")
+            outcomes = [o for o in self._gather(outcome) if o]
+            if not outcomes:
                 return info
+            failures = [why for kind, why in outcomes if kind == "error"]
+            if failures:  # not the checkpoint's fault (e.g. the store is unreachable): nothing is quarantined
+                raise RuntimeError(f"restoring the checkpoint of step {step} failed: {'; '.join(failures)}")
+            reason = "; ".join(why for _, why in outcomes)
             if t.rank == 0:
-                t.store.quarantine(step, "; ".join(errors))
-                tag(step, "; ".join(errors))
+                t.store.quarantine(step, reason)
+                tag(step, reason)
             self._barrier()
