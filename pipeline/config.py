@@ -166,7 +166,7 @@ class TrackingConfig:
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "biggan"
     run_name: str = ""  # "" = <preset>-<timestamp>
-    retries: int = bounded(3, ge=1)  # attempts per tracking call before warning and moving on
+    retries: int = bounded(3, ge=1)  # attempts for a call the server answers 5xx/429 before it is dropped (counted)
 
 
 @dataclass
