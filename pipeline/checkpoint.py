@@ -417,7 +417,7 @@ class CheckpointStore:
             if unreadable:
                 raise StoreReadError("; ".join(map(str, unreadable.values())))
             labels = self._read_labels()
-        except StoreReadError as err:
+        except Exception as err:  # noqa: BLE001 - listing errors too: when in doubt, keep everything
             log.warning("retention skipped, nothing deleted: %s", err)
             return []
         keep = {c.step for c in committed[-keep_last:]} if keep_last > 0 else set()
