@@ -213,3 +213,31 @@ def test_install_reaches_every_batch_norm_and_copies_stay_local(tmp_path):
 
     with pytest.raises(ConfigError, match="model.cross_replica_bn"):
         install_cross_replica_bn(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_trainer_with_cross_replica_bn_on_one_rank_trains_as_local_bn(tmp_path, digits_shards):
+    """Through the real trainer and DeepSpeed engines (with gradient accumulation): on one rank the global
+    statistics are the local ones, so the run matches model.cross_replica_bn=false to float tolerance."""
+    from tests.trainer_harness import make_trainer, tiny_config
+
+    shards, n = digits_shards
+    states = {}
+    for on in (True, False):
+        cfg = tiny_config(tmp_path / str(on), shards, n, **{"model.cross_replica_bn": on, "train.global_batch": 16})
+        trainer = make_trainer(cfg, tmp_path / str(on))
+        norms = [m for m in trainer.G.modules() if isinstance(m, StatsBatchNorm)]
+        assert all(isinstance(m.batch_stats, CrossReplicaSum) == on for m in norms) and norms
+        assert all(m.batch_stats is None for m in trainer.ema.model.modules() if isinstance(m, StatsBatchNorm))
+        for _ in range(2):
+            trainer.train_iteration()
+        trainer.log_samples()  # EMA G samples on its own
+        states[on] = {k: v.clone() for k, v in trainer.G.state_dict().items()}
+    for key, value in states[False].items():
+        torch.testing.assert_close(states[True][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_imagenet_presets_use_cross_replica_bn():
+    from pipeline.presets import PRESETS, get_preset
+
+    for name in PRESETS:
+        assert get_preset(name).model.cross_replica_bn == name.startswith("imagenet"), name
