@@ -42,7 +42,7 @@ class ModelConfig:
     d_conditioning: str = "projection"  # dcgan D conditioning: projection | concat
     cross_replica_bn: bool = False  # G's batch statistics over all ranks, per micro-batch (pipeline/cross_replica.py)
     init_from: str = ""  # fine-tune: pytorch-pretrained-biggan folder (config.json + pytorch_model.bin) for G; "" = off
-    init_from_new_classes: bool = False  # with init_from: fresh class embedding when num_classes != the file's
+    init_from_new_classes: bool = False  # with init_from: G's class embedding starts fresh (other classes or count)
 
 
 @dataclass

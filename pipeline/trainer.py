@@ -28,6 +28,7 @@ from pipeline.config import RunConfig, grad_accumulation_steps
 from pipeline.cross_replica import install_cross_replica_bn
 from pipeline.ema import EMA
 from pipeline.engines import build_engines, use_bf16
+from pipeline.finetune import init_generator_from
 from pipeline.health import HealthMonitor, apply_mitigation
 from pipeline.tracking import Tracker
 
@@ -83,6 +84,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
         G, D = build_models(cfg)
+        init_generator_from(cfg, G)  # model.init_from: fine-tuning from released weights
         self.ema = EMA(G, cfg.ema.decay, cfg.ema.start_step)
         self.g_engine, self.d_engine = build_engines(cfg, G, D, device, world_size)
         self.G, self.D = self.g_engine.module, self.d_engine.module

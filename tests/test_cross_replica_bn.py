@@ -215,12 +215,15 @@ def test_install_reaches_every_batch_norm_and_copies_stay_local(tmp_path):
         install_cross_replica_bn(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
-def test_trainer_with_cross_replica_bn_on_one_rank_trains_as_local_bn(tmp_path, digits_shards):
+def test_trainer_with_cross_replica_bn_on_one_rank_trains_as_local_bn(tmp_path):
     """Through the real trainer and DeepSpeed engines (with gradient accumulation): on one rank the global
     statistics are the local ones, so the run matches model.cross_replica_bn=false to float tolerance."""
+    from tests.data_helpers import write_id_shards
     from tests.trainer_harness import make_trainer, tiny_config
 
-    shards, n = digits_shards
+    n = 5
+    shards = str(tmp_path / "shards")  # written directly: no Ray
+    write_id_shards(tmp_path / "shards", [48], num_classes=n, resolution=32)
     states = {}
     for on in (True, False):
         cfg = tiny_config(tmp_path / str(on), shards, n, **{"model.cross_replica_bn": on, "train.global_batch": 16})
