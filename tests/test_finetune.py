@@ -138,3 +138,24 @@ def test_init_from_must_be_a_pretrained_folder(tmp_path):
         cfg = tiny_config(tmp_path, "unused", 10, **_overrides(path))
         with pytest.raises(ConfigError, match=f"model.init_from: .*{message}"):
             init_generator_from(cfg, build_models(cfg)[0])
+
+
+@pytest.mark.parametrize("resolution", [128, 256, 512])
+def test_the_documented_overrides_fit_the_released_models(resolution):
+    """README: the imagenet128-deep preset at the file's resolution with bn_eps and sn_eps 1e-4 fits the released
+    models' configs (BigGANConfig's defaults are biggan-deep-128's; 256/512 differ in output_dim and layers)."""
+    from models.pretrained import pretrained_mismatches
+    from pipeline.presets import get_preset
+
+    mult = {128: [16, 16, 8, 4, 2, 1], 256: [16, 16, 8, 8, 4, 2, 1], 512: [16, 16, 8, 8, 4, 2, 1, 1]}[resolution]
+    layers = [layer for i, o in zip(mult, mult[1:]) for layer in ((False, i, i), (True, i, o))]
+    released = BigGANConfig(output_dim=resolution, layers=layers).__dict__
+    cfg = get_preset("imagenet128-deep")
+    cfg.model.resolution, cfg.model.bn_eps, cfg.model.sn_eps = resolution, 1e-4, 1e-4
+    with torch.device("meta"):  # full width, not allocated
+        G, _ = build_models(cfg)
+    assert pretrained_mismatches(G, released) == {}
+    cfg.model.bn_eps = 1e-5
+    with torch.device("meta"):
+        G, _ = build_models(cfg)
+    assert pretrained_mismatches(G, released) == {"bn_eps": (1e-5, 1e-4)}
