@@ -9,25 +9,42 @@ output layer) have three sources of normalization statistics:
 - eval mode: the running statistics;
 - eval mode with a truncation-statistics table attached (pretrained BigGAN-deep weights) and a
   truncation passed to ``forward``: the table's statistics interpolated at that truncation.
+
+Batch statistics are the local batch's unless a ``batch_stats`` function is set on the module
+(``BatchStats``): it receives the local per-channel sums (sum of x, sum of x^2, count) in fp32 and
+returns the sums over whatever batch the statistics should cover (``pipeline.cross_replica`` sums
+them over the data-parallel ranks: cross-replica BatchNorm). The models know nothing about who
+computes them. Copies of a module keep whatever ``copy.deepcopy`` makes of the function.
+
+Self-attention computes its logits and softmax in fp32 (autocast off) and casts the attention map
+back to the activations' dtype: bf16 logits of magnitude ~50 carry an absolute error ~0.1, which
+the exponential turns into a ~10% error in the attention weights.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .spectral import SNConv2d, SNLinear, SpectralNorm
+from .spectral import SNConv2d, SNLinear, SpectralNorm, _fp32_region
 
 __all__ = [
+    "BatchStats",
     "StatsBatchNorm",
     "ConditionalBatchNorm2d",
     "BatchNorm2d",
     "Attention",
     "orthogonal_init_",
 ]
+
+
+# (3 * C,) fp32 local sums [sum x (C), sum x^2 (C), count (repeated C times)] -> the same sums over
+# the batch the statistics should cover; must be differentiable (gradients flow back through it).
+BatchStats = Callable[[torch.Tensor], torch.Tensor]
 
 
 class StatsBatchNorm(nn.Module):
@@ -40,6 +57,8 @@ class StatsBatchNorm(nn.Module):
         self.momentum = momentum
         # NOTE: a Python counter, not a buffer, so the cumulative average needs no host sync.
         self._num_accumulated = 0
+        # NOTE: a plain attribute, not a submodule or buffer: see BatchStats (None: this batch's own)
+        self.batch_stats: BatchStats | None = None
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
@@ -109,6 +128,8 @@ class StatsBatchNorm(nn.Module):
                 factor = 1.0 / self._num_accumulated
             else:
                 factor = self.momentum
+            if self.batch_stats is not None:
+                return self._normalize_with_sums(x, factor, weight, bias)
             return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, True, factor,
                                 self.eps)
         if truncation is not None and self.has_truncation_stats:
@@ -116,6 +137,34 @@ class StatsBatchNorm(nn.Module):
         else:
             mean, var = self.running_mean, self.running_var
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
+
+    def _normalize_with_sums(self, x: torch.Tensor, factor: float, weight: torch.Tensor | None,
+                             bias: torch.Tensor | None) -> torch.Tensor:
+        """Training-mode batch norm with statistics from ``batch_stats`` of the local sums, all in fp32.
+
+        Same result as ``F.batch_norm`` over the batch the sums cover (biased variance to normalize,
+        unbiased for the running variance), with gradients through the statistics.
+        """
+        c = self.num_features
+        dims = [0, *range(2, x.dim())]
+        xf = x.float()
+        count = xf.new_full((c,), x.numel() // c)  # per channel, so the sums split into three equal parts
+        total = self.batch_stats(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        sum_x, sum_x2, n = total.split(c)
+        mean = sum_x / n
+        # NOTE: E[x^2] - E[x]^2 in fp32; clamped, as cancellation can make it slightly negative
+        var = (sum_x2 / n - mean * mean).clamp_min(0.0)
+        with torch.no_grad():
+            unbiased = var * n / (n - 1).clamp_min(1.0)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        out = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        if weight is not None:
+            out = out * weight.float().view(shape)
+        if bias is not None:
+            out = out + bias.float().view(shape)
+        return out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
@@ -181,7 +230,9 @@ class Attention(nn.Module):
         theta = self.theta(x).reshape(n, c // 8, h * w)
         phi = F.max_pool2d(self.phi(x), 2).reshape(n, c // 8, h * w // 4)
         g = F.max_pool2d(self.g(x), 2).reshape(n, c // 2, h * w // 4)
-        attn = F.softmax(torch.bmm(theta.transpose(1, 2), phi), dim=-1)  # (n, hw, hw/4)
+        with _fp32_region(x.device):
+            logits = torch.bmm(theta.transpose(1, 2).float(), phi.float())  # (n, hw, hw/4), fp32
+            attn = F.softmax(logits, dim=-1).to(g.dtype)
         out = torch.bmm(g, attn.transpose(1, 2)).reshape(n, c // 2, h, w)
         return x + self.gamma * self.o(out)
 

@@ -23,6 +23,11 @@ and copies the weights so that, in eval mode, ``G(z, y, truncation=t)`` equals t
   a truncation is passed: ``G(z, y, truncation=0.4)``. Without one (``truncation=None``) the BNs
   use their running stats, which the loader sets to the truncation = 1.0 row. BN eps and SN eps
   are the config's ``eps`` (1e-4 in the released models).
+
+Fine-tuning: ``init_generator_from_pretrained(G, path)`` copies the weights into a G built for
+training (its own config, e.g. from the run's config) after checking that G's architecture is the
+file's (``pretrained_mismatches``); the truncation tables are not attached (training uses batch
+statistics and running statistics; the loader's truncation = 1.0 rows become the running stats).
 """
 
 from __future__ import annotations
@@ -40,7 +45,15 @@ from .layers import Attention, StatsBatchNorm
 from .registry import build_generator
 from .spectral import SpectralNorm
 
-__all__ = ["load_biggan_deep", "generator_from_pretrained_config", "load_pretrained_state_dict"]
+__all__ = [
+    "load_biggan_deep",
+    "generator_from_pretrained_config",
+    "load_pretrained_state_dict",
+    "read_pretrained_config",
+    "pretrained_mismatches",
+    "init_generator_from_pretrained",
+    "PretrainedMismatch",
+]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "pytorch_model.bin"
@@ -89,18 +102,88 @@ def generator_from_pretrained_config(config: Mapping[str, Any]) -> DeepGenerator
     return G  # type: ignore[return-value]
 
 
+def read_pretrained_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The BigGANConfig dict of a pytorch-pretrained-biggan directory; clear errors for anything else."""
+    if not os.path.isdir(path):
+        raise ValueError(f"pretrained BigGAN-deep weights: {str(path)!r} is not a directory")
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        raise ValueError(f"pretrained BigGAN-deep weights: {str(path)!r} lacks {missing} "
+                         f"(pytorch-pretrained-biggan's layout: {CONFIG_NAME} + {WEIGHTS_NAME})")
+    with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _read_weights(path: str | os.PathLike, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    # NOTE: weights_only: a downloaded file must not run code when loaded
+    return torch.load(os.path.join(path, WEIGHTS_NAME), map_location=map_location, weights_only=True)
+
+
 def load_biggan_deep(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> DeepGenerator:
     """Load a pytorch-pretrained-biggan directory (config.json + pytorch_model.bin); returns G in eval mode.
 
     Generate with ``G(z, y, truncation=t)``, z (N, 128) sampled with truncation t in the released
     models' convention (``pytorch_pretrained_biggan.truncated_noise_sample``: truncnorm(-2, 2) * t).
     """
-    with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as f:
-        config = json.load(f)
-    state = torch.load(os.path.join(path, WEIGHTS_NAME), map_location=map_location, weights_only=True)
+    config = read_pretrained_config(path)
+    state = _read_weights(path, map_location)
     G = generator_from_pretrained_config(config)
     load_pretrained_state_dict(G, state)
     return G.eval()
+
+
+# NetworkConfig fields that decide whether a file's weights fit a G (num_sv_itrs is a training setting).
+_ARCHITECTURE_FIELDS = ("arch", "resolution", "num_classes", "ch", "dim_z", "shared_dim", "hier", "depth",
+                        "attention", "out_channels", "bn_eps", "sn_eps")
+
+
+class PretrainedMismatch(ValueError):
+    """G's architecture is not the pretrained file's; ``fields`` maps each differing NetworkConfig field
+    to (G's value, the file's value)."""
+
+    def __init__(self, path: str | os.PathLike, fields: dict[str, tuple[Any, Any]]) -> None:
+        self.fields = fields
+        listed = ", ".join(f"{k}: {ours!r} here, {theirs!r} in the file" for k, (ours, theirs) in fields.items())
+        super().__init__(f"pretrained weights at {str(path)!r} do not fit this generator ({listed})")
+
+
+def pretrained_mismatches(G: nn.Module, config: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{field: (G's value, the file's value)} for every architecture field where G differs from a BigGANConfig."""
+    ours = getattr(G, "config", None)
+    theirs_arch = "biggan-deep"
+    if not isinstance(G, DeepGenerator) or ours is None:
+        return {"arch": (getattr(ours, "arch", type(G).__name__), theirs_arch)}
+    with torch.device("meta"):  # the file's architecture, without allocating or initializing it
+        theirs = generator_from_pretrained_config(config).config
+    return {k: (getattr(ours, k), getattr(theirs, k)) for k in _ARCHITECTURE_FIELDS
+            if getattr(ours, k) != getattr(theirs, k)}
+
+
+@torch.no_grad()
+def init_generator_from_pretrained(G: DeepGenerator, path: str | os.PathLike, *,
+                                   new_class_embedding: bool = False) -> DeepGenerator:
+    """Copy the pretrained weights at ``path`` into ``G`` (built for training) and return G.
+
+    G must have the file's architecture (else ``PretrainedMismatch``). With ``new_class_embedding`` G
+    keeps its own (freshly initialized) class embedding, of any class count, and takes every other
+    weight from the file: for classes that are not the file's. No truncation tables are attached to G; its running statistics are the
+    file's truncation = 1.0 rows.
+    """
+    config = read_pretrained_config(path)
+    mismatches = pretrained_mismatches(G, config)
+    if new_class_embedding:
+        mismatches.pop("num_classes", None)
+    if mismatches:
+        raise PretrainedMismatch(path, mismatches)
+    with torch.device("meta"):
+        source = generator_from_pretrained_config(config)
+    source.to_empty(device="cpu")
+    load_pretrained_state_dict(source, _read_weights(path, "cpu"))  # checks that every entry is set
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith((".stat_means", ".stat_vars"))}
+    if new_class_embedding:
+        state["shared.weight"] = G.shared.weight
+    G.load_state_dict(state)
+    return G
 
 
 @torch.no_grad()

@@ -85,6 +85,9 @@ class ModelConfig:
     d_head: str = "projection"  # projection | acgan (auxiliary classifier; dcgan)
     d_norm: str = "batch"  # dcgan D normalization: batch | layer | none (WGAN-GP needs layer or none)
     d_conditioning: str = "projection"  # dcgan D conditioning: projection | concat
+    cross_replica_bn: bool = False  # G's batch statistics over all ranks, per micro-batch (pipeline/cross_replica.py)
+    init_from: str = ""  # fine-tune: pytorch-pretrained-biggan folder (config.json + pytorch_model.bin) for G; "" = off
+    init_from_new_classes: bool = False  # with init_from: G's class embedding starts fresh (other classes or count)
 
 
 @dataclass

@@ -12,6 +12,7 @@ def imagenet128() -> RunConfig:
     cfg = RunConfig(preset="imagenet128")
     cfg.model.arch, cfg.model.resolution, cfg.model.num_classes = "biggan", 128, 1000
     cfg.data.batch_size, cfg.data.random_crop = 256, True
+    cfg.model.cross_replica_bn = True  # the paper's G normalizes over all replicas; imagenet256/512/128-deep inherit it
     cfg.cluster.num_workers, cfg.cluster.use_gpu, cfg.cluster.cpus_per_worker = 8, True, 8
     cfg.eval.every = 2000
     return cfg

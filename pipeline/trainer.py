@@ -23,8 +23,10 @@ from pipeline import losses, tricks
 from pipeline.augment import diff_augment
 from pipeline.checkpoint import CheckpointInfo, CheckpointStore
 from pipeline.config import RunConfig, grad_accumulation_steps
+from pipeline.cross_replica import install_cross_replica_bn
 from pipeline.ema import EMA
 from pipeline.engines import build_engines, use_bf16
+from pipeline.finetune import init_generator_from
 from pipeline.health import HealthMonitor, apply_mitigation
 from pipeline.snapshot import Snapshot
 from pipeline.tracking import Tracker
@@ -81,9 +83,12 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
         G, D = build_models(cfg)
+        init_generator_from(cfg, G)  # model.init_from: fine-tuning from released weights
         self.ema = EMA(G, cfg.ema.decay, cfg.ema.start_step)
         self.g_engine, self.d_engine = build_engines(cfg, G, D, device, world_size)
         self.G, self.D = self.g_engine.module, self.d_engine.module
+        if cfg.model.cross_replica_bn:
+            install_cross_replica_bn(self.G, group=self.g_engine.data_parallel_group)
         self.d_has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.D.modules())
         self.noise = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank)
         self.replay = tricks.ReplayBuffer(cfg.tricks.replay_size, cfg.tricks.replay_fraction, seed=cfg.train.seed + rank)
