@@ -55,8 +55,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    g_lr: float = 1e-4
-    d_lr: float = 4e-4
+    g_lr: float = 5e-5  # the paper's (SAGAN's rates halved); BigGAN-PyTorch's scripts: 1e-4 / 4e-4
+    d_lr: float = 2e-4
     beta1: float = 0.0
     beta2: float = 0.999
     eps: float = 1e-6
@@ -89,6 +89,7 @@ class TricksConfig:
 class EMAConfig:
     decay: float = 0.9999
     start_step: int = 20_000  # before this, EMA G copies G
+    sn_itrs: int = 8  # power iterations on EMA G's own weights before each use (warm-started from the last)
 
 
 @dataclass
@@ -315,6 +316,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key in ("loss.label_smoothing", "loss.label_flip", "tricks.replay_fraction"):
         if not 0.0 <= flat[key] < 1.0:
             raise ConfigError(f"{key}: must be in [0, 1), got {flat[key]!r}")
+    if cfg.ema.sn_itrs <= 0:
+        raise ConfigError(f"ema.sn_itrs: must be > 0, got {cfg.ema.sn_itrs!r}")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay: must be in [0, 1), got {cfg.ema.decay!r}")
     per_step = cfg.data.batch_size * cfg.cluster.num_workers

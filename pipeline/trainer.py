@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -21,13 +20,14 @@ import torch.distributed as dist
 import models
 from models.regularization import orthogonal_penalty
 from models.spectral import SpectralNorm, first_layer_sigma0, sigma0s
-from pipeline import losses, tricks
-from pipeline.augment import diff_augment
+from pipeline import drills, losses, tricks
+from pipeline.augment import augment_generator, diff_augment
 from pipeline.checkpoint import CheckpointInfo, CheckpointStore, rng_state, set_rng_state
 from pipeline.config import RunConfig, grad_accumulation_steps
 from pipeline.ema import EMA
-from pipeline.engines import build_engines, use_bf16
+from pipeline.engines import build_engines, fp32_master_slices, use_bf16
 from pipeline.health import HealthMonitor, apply_mitigation
+from pipeline.placement import check_placement
 from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -82,11 +82,14 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
         G, D = build_models(cfg)
-        self.ema = EMA(G, cfg.ema.decay, cfg.ema.start_step)
         self.g_engine, self.d_engine = build_engines(cfg, G, D, device, world_size)
         self.G, self.D = self.g_engine.module, self.d_engine.module
+        # from the device-resident module, averaging the fp32 masters (engines.fp32_master_slices)
+        self.ema = EMA(self.G, cfg.ema.decay, cfg.ema.start_step, power_iterations=cfg.ema.sn_itrs,
+                       masters=lambda: fp32_master_slices(self.g_engine))
         self.d_has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.D.modules())
         self.noise = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank)
+        self.augment_rng = augment_generator(cfg.train.seed, rank, device)  # DiffAugment: its own draws per rank
         self.replay = tricks.ReplayBuffer(cfg.tricks.replay_size, cfg.tricks.replay_fraction, seed=cfg.train.seed + rank)
         self.health = HealthMonitor(cfg.health, loss_kind=cfg.loss.kind)
 
@@ -108,6 +111,7 @@ class Trainer:
         from pipeline.evaluation import Evaluator
 
         self.evaluator = Evaluator(self)  # eval.every: FID of EMA G after checkpoints; last_fid for the health check
+        check_placement(self)
 
     # -- sampling ----------------------------------------------------------------------------------------------
     def _fixed_samples(self):
@@ -134,7 +138,7 @@ class Trainer:
     def d_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """What D sees of any image, real or fake: DiffAugment, then instance noise (both off by default)."""
         if self.cfg.data.diffaug:
-            x = diff_augment(x, self.cfg.data.diffaug)
+            x = diff_augment(x, self.cfg.data.diffaug, generator=self.augment_rng)
         std = tricks.instance_noise_std(self.step, self.cfg.tricks.instance_noise, self.cfg.tricks.instance_noise_decay_steps)
         if std > 0:
             x = tricks.add_instance_noise(x, std, self.noise)
@@ -231,7 +235,9 @@ class Trainer:
             self.d_step()
         self.g_step()
         self.step += 1
-        self.ema.update(self.G, self.step)
+        self.ema.update(self.step)
+        if self.step % self.cfg.train.sample_every == 0 or self.step == self.cfg.train.steps:
+            self.ema.ready()  # collective: every rank, before rank 0 samples
         if self.inject_collapse_at is not None and self.step == self.inject_collapse_at and not self.injected:
             self.inject_collapse()
 
@@ -289,13 +295,15 @@ class Trainer:
         }
 
     def rank_state(self) -> dict:
-        return {"rng": rng_state(), "noise": self.noise.get_state(), "replay": self.replay.state_dict()}
+        return {"rng": rng_state(), "noise": self.noise.get_state(), "replay": self.replay.state_dict(),
+                "augment_rng": self.augment_rng.get_state()}
 
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
 
     def save_checkpoint(self, metrics: dict | None = None) -> CheckpointInfo | None:
+        self.ema.ready()  # collective: the whole average, with its own spectral norms
         staging = Path(tempfile.mkdtemp(prefix=f"ckpt-{self.step:08d}-", dir=self.work_dir))
         try:
             if self.rank == 0:
@@ -353,20 +361,16 @@ class Trainer:
             rs = torch.load(rank_file, map_location="cpu", weights_only=False)
             set_rng_state(rs["rng"])
             self.noise.set_state(rs["noise"].to(self.noise.get_state().device))
+            if "augment_rng" in rs:
+                self.augment_rng.set_state(rs["augment_rng"].cpu())
             self.replay.load_state_dict(rs["replay"])
         if restore_data:
             self.open_loader(**state["data_position"])
         log.info("rank %d: restored step %d from %s", self.rank, self.step, info.path)
 
     # -- collapse drill and rollback -----------------------------------------------------------------------------
-    @torch.no_grad()
     def inject_collapse(self) -> None:
-        """Provoke a collapse on purpose: blow up G's first layer and D's learning rate."""
-        self.injected = True
-        self.G.linear.weight.mul_(25.0)
-        for group in self.d_engine.optimizer.param_groups:
-            group["lr"] *= 100.0
-        log.warning("rank %d: injected a collapse at step %d", self.rank, self.step)
+        drills.inject_collapse(self)
 
     def rollback(self, decision) -> bool:
         """Restore the newest healthy checkpoint before the onset on every rank; False if there is none left."""
@@ -403,16 +407,16 @@ class Trainer:
     def log_samples(self) -> None:
         from pipeline.sample import save_grid
 
-        self.ema.model.eval()
+        G_ema = self.ema.ready().eval()  # already assembled on every rank (train_iteration)
         with torch.no_grad():
-            images = self.ema.model(self._sample_z, self._sample_y).float().cpu()
+            images = G_ema(self._sample_z, self._sample_y).float().cpu()
         path = self.work_dir / f"samples_{self.step:08d}.png"
         save_grid(images, path, nrow=SAMPLES_PER_CLASS)
         self.tracker.log_artifact(path, "samples")
 
     def health_signals(self, losses_now: dict[str, float]) -> dict[str, float]:
         """Everything the monitor judges, averaged over ranks in one all-reduce."""
-        local = {"variety": self.health.sample_variety(self.ema.model, self._sample_z, self._sample_y)}
+        local = {"variety": self.health.sample_variety(self.ema.ready(), self._sample_z, self._sample_y)}
         d_sigmas = [v.float() for k, v in self.spectral_signals().items() if k.startswith("sigma0/D/")]
         if d_sigmas:  # spectrally normalized nets (BigGAN); DCGAN has none
             local["sigma0_d_max"] = torch.stack(d_sigmas).max()
@@ -496,6 +500,7 @@ class Trainer:
 
         if self.status == "running":
             self.status = "finished"
+        self.ema.ready()
         self.evaluator.finish()  # rank 0: truncation sweep (eval.truncation_sweep), pending model registrations
         if self.rank == 0:
             healthy = self.store.newest_healthy()
@@ -510,14 +515,7 @@ class Trainer:
         return {"status": self.status, "step": self.step, "rollbacks": self.rollbacks, "run_id": self.tracker.run_id}
 
     def _maybe_fail_once(self) -> None:
-        """Kill this process (the last rank) once at the given step, as a crashed worker would die."""
-        if self.fail_once_at and self.step == self.fail_once_at[0] and self.rank == self.world_size - 1:
-            flag = self.fail_once_at[1]
-            if not flag.exists():
-                flag.parent.mkdir(parents=True, exist_ok=True)
-                flag.write_text(str(self.step))
-                log.error("rank %d: dying on purpose at step %d (BIGGAN_FAIL_ONCE_AT)", self.rank, self.step)
-                os._exit(1)
+        drills.fail_once(self)
 
     def take_metrics_peek(self) -> dict[str, float]:
         """Loss means since the last log, without resetting them (health checks between log steps)."""

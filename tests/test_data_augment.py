@@ -55,3 +55,17 @@ def test_each_call_draws_new_parameters_for_real_and_fake_alike():
     a, b = diff_augment(real), diff_augment(real)
     assert not torch.equal(a, b)
     assert torch.isfinite(a).all()
+
+
+def test_draws_come_from_the_given_generator_per_rank_and_replay_from_its_state():
+    from pipeline.augment import augment_generator
+
+    x = torch.rand(6, 3, 16, 16) * 2 - 1
+    rank0, rank1 = augment_generator(0, 0, x.device), augment_generator(0, 1, x.device)
+    saved = rank0.get_state()
+    torch.manual_seed(0)
+    a = diff_augment(x, "color,translation,cutout", generator=rank0)
+    torch.manual_seed(1)  # the global generator plays no part
+    assert not torch.equal(a, diff_augment(x, "color,translation,cutout", generator=rank1))  # ranks differ
+    rank0.set_state(saved)
+    assert torch.equal(a, diff_augment(x, "color,translation,cutout", generator=rank0))  # a resume replays
