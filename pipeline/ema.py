@@ -29,6 +29,17 @@ from pipeline.engines import MasterSlice
 SN_BUFFERS = ("u", "v", "sigma0")  # a SpectralNorm layer's own estimate: never copied from G
 
 
+def strip_engine_hooks(module: nn.Module) -> None:
+    """Drop the forward hooks DeepSpeed put on the engine's module (timers, throughput counters, input casts):
+    a deep copy keeps them, and they would run the engine's bookkeeping on every EMA forward."""
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, fn in hooks.items() if getattr(fn, "__module__", "").startswith("deepspeed")]:
+            del hooks[key]
+            for extra in (module._forward_pre_hooks_with_kwargs, module._forward_hooks_with_kwargs,
+                          module._forward_hooks_always_called):
+                extra.pop(key, None)
+
+
 class EMA:
     """An fp32 average of `source`'s weights. Before `start_step` the copy tracks G exactly; after it, it decays.
 
@@ -49,6 +60,7 @@ class EMA:
         for m in self.model.modules():
             # NOTE: `Module.compile()` keeps a compiled *bound method of the source*: a deep copy would still run G
             m._compiled_call_impl = None
+            strip_engine_hooks(m)
         self._sn_buffers = {f"{name}.{b}" if name else b for name, m in self.model.named_modules()
                             if isinstance(m, SpectralNorm) for b in SN_BUFFERS}
         self._split = False  # some averaged slices live on other ranks until ready()

@@ -15,6 +15,12 @@ def test_ema_is_built_from_the_device_resident_module(tmp_path, digits_shards):
     shards, n = digits_shards
     trainer = make_trainer(tiny_config(tmp_path, shards, n), tmp_path)
     assert trainer.ema.source is trainer.g_engine.module and misplaced(trainer) == []
+
+    def engine_hooks(module):
+        return [h for m in module.modules() for h in [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]
+                if h.__module__.startswith("deepspeed")]
+
+    assert engine_hooks(trainer.G) and not engine_hooks(trainer.ema.model)  # the copy runs no engine bookkeeping
     assert {p.device for p in trainer.ema.model.parameters()} == {p.device for p in trainer.G.parameters()}
     trainer.ema.model.to("meta")  # what a GPU run had: the copy on another device than G
     with pytest.raises(RuntimeError, match="EMA G"):
