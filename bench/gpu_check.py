@@ -56,12 +56,15 @@ QUICK_SIZE = {"resolution": 32, "ch": 4, "batch": 4, "steps": 4, "images": 64, "
 class Check:
     """Runs parts, records pass / fail / skip with timings, prints a line per part."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_part: Callable[[], None] = lambda: None, deadline: float = math.inf) -> None:
         self.parts: list[dict] = []
+        self.on_part, self.deadline = on_part, deadline  # on_part: after each part (the JSON so far)
 
     def run(self, name: str, fn: Callable[[], str | None]) -> bool:
         t0 = time.perf_counter()
         try:
+            if t0 > self.deadline:
+                raise Skip("out of time (--budget-s)")
             detail, status = fn() or "", "pass"
         except Skip as why:
             detail, status = str(why), "skip"
@@ -73,6 +76,7 @@ class Check:
         print(f"[gpu_check] {status.upper():4s} {name:18s} {seconds:7.1f}s  {first}", flush=True)
         if status == "fail":
             print(detail, flush=True)
+        self.on_part()
         return status == "pass"
 
 
@@ -120,7 +124,18 @@ class GpuCheck:
         self.shards, self.num_classes = "", 0
         self.ckpt_root: Path | None = None
         self.train_step_s: float | None = None
-        self.check = Check()
+        self.check = Check(on_part=self.write_report, deadline=time.perf_counter() + args.budget_s)
+        self.versions: dict = {}
+        self.t0 = time.perf_counter()
+
+    def write_report(self) -> dict:
+        """gpu_check.json with the parts so far: a run killed at its time limit still leaves them."""
+        failed = [p["name"] for p in self.check.parts if p["status"] == "fail"]
+        report = {"device": self.versions.get("gpu", str(self.device)), "versions": self.versions,
+                  "size": self.size, "parts": self.check.parts, "passed": not failed,
+                  "total_s": round(time.perf_counter() - self.t0, 1)}
+        (self.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+        return report
 
     # -- configs -----------------------------------------------------------------------------------------------
     def config(self, name: str, **overrides) -> C.RunConfig:
@@ -170,6 +185,14 @@ class GpuCheck:
             times.append(time.perf_counter() - t0)
 
         trainer.train_iteration = iteration
+        take = trainer.take_metrics
+        self.last_metrics: dict[str, float] = {}
+
+        def take_metrics() -> dict[str, float]:
+            self.last_metrics = take()
+            return self.last_metrics
+
+        trainer.take_metrics = take_metrics
         return trainer.fit(), times
 
     # -- parts -------------------------------------------------------------------------------------------------
@@ -183,7 +206,7 @@ class GpuCheck:
                      "bf16": torch.cuda.is_bf16_supported(), "capability": list(torch.cuda.get_device_capability())}
             if not info["bf16"]:
                 raise RuntimeError(f"{info['gpu']} does not support bf16")
-        self.versions = info
+        self.versions.update(info)
         return ", ".join(f"{k} {v}" for k, v in info.items())
 
     def make_shards(self) -> str:
@@ -233,7 +256,9 @@ class GpuCheck:
         result, times = self.timed_fit(trainer)
         if result["status"] != "finished" or trainer.step != cfg.train.steps:
             raise RuntimeError(f"fit ended {result}")
-        metrics = trainer.take_metrics_peek() or {}
+        metrics = self.last_metrics
+        if not all(math.isfinite(metrics.get(k, math.nan)) for k in ("d_loss", "g_loss")):
+            raise RuntimeError(f"losses not finite (or not logged): {metrics}")
         bad = misplaced(trainer)
         if bad:
             raise RuntimeError("misplaced: " + "; ".join(bad))
@@ -251,7 +276,7 @@ class GpuCheck:
         self.ckpt_root = trainer.store.fetch(trainer.store.latest(), self.work / "train" / "export")
         steps = [c.step for c in trainer.store.list()]
         mem = f", peak {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB" if self.device.type == "cuda" else ""
-        losses = ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()) if k in ("d_loss", "g_loss"))
+        losses = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("d_loss", "g_loss"))
         return (f"{trainer.step} steps, median {self.train_step_s * 1e3:.0f} ms/iteration (first "
                 f"{times[0]:.1f}s){mem}; checkpoints {steps}; {losses}")
 
@@ -343,8 +368,9 @@ class GpuCheck:
     def all(self) -> list[dict]:
         parts: list[tuple[str, Callable[[], str | None]]] = [
             *[(f"loader:{b}", lambda b=b: self.loader(b)) for b in ("wds", "dali-cpu", "dali-gpu")],
-            ("train", self.train), ("resume", self.resume), ("zero0", self.zero0), ("compile", self.compile),
-            ("rollback", self.rollback), ("evaluation", self.evaluation), ("sampling", self.sampling),
+            ("train", self.train), ("resume", self.resume), ("zero0", self.zero0), ("rollback", self.rollback),
+            ("evaluation", self.evaluation), ("sampling", self.sampling),
+            ("compile", self.compile),  # last: its compile time is the least predictable
         ]
         chosen = set(self.args.parts.split(",")) if self.args.parts else None
         unknown = (chosen or set()) - {name.split(":")[0] for name, _ in parts} - {name for name, _ in parts}
@@ -367,6 +393,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="training steps of the train/resume parts")
     p.add_argument("--compile", action="store_true", help="run the compile part on CPU too")
     p.add_argument("--parts", default="", help="comma-separated parts to run (default all), e.g. train,resume,loader")
+    p.add_argument("--budget-s", type=float, default=285.0,
+                   help="parts not started by then are skipped (the whole check should end inside 5 minutes)")
     p.add_argument("--threads", type=int, default=None, help="loader threads (default min(8, CPUs))")
     return p.parse_args(argv)
 
@@ -387,15 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     make_deterministic(device)
     init_process_group(device)
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-work-") as tmp:
         check = GpuCheck(args, device, Path(tmp), out)
         parts = check.all()
-    total = time.perf_counter() - t0
+        report = check.write_report()
+    total = report["total_s"]
     failed = [p["name"] for p in parts if p["status"] == "fail"]
-    report = {"device": getattr(check, "versions", {}).get("gpu", str(device)), "versions": getattr(check, "versions", {}),
-              "size": check.size, "parts": parts, "passed": not failed, "total_s": round(total, 1)}
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
     verdict = "PASS" if not failed else f"FAIL ({', '.join(failed)})"
     print(f"[gpu_check] {verdict}: {sum(p['status'] == 'pass' for p in parts)} passed, {len(failed)} failed, "
           f"{sum(p['status'] == 'skip' for p in parts)} skipped in {total:.0f}s -> {out / 'gpu_check.json'}", flush=True)

@@ -47,8 +47,8 @@ fi
 } >>"$OUT/env.txt"
 
 # -- 2. every GPU path ------------------------------------------------------------------------------------------
-check_args=(--device "$DEVICE" --out "$OUT")
-[ "$QUICK" = 1 ] && check_args+=(--quick --steps 2 --parts loader,train,resume,sampling)
+check_args=(--device "$DEVICE" --out "$OUT" --budget-s $((T_CHECK - 45)))  # no part starts in the last 45 s
+[ "$QUICK" = 1 ] && check_args+=(--quick --steps 2 --parts loader,train,resume,sampling --budget-s 100000)
 note "gpu_check ${check_args[*]}"
 timeout -k 10 "$T_CHECK" $PY bench/gpu_check.py "${check_args[@]}" >"$OUT/gpu_check.log" 2>&1
 rc=$?; note "gpu_check exit $rc"; [ $rc -ne 0 ] && [ $status -eq 0 ] && status=$rc

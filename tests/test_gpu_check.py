@@ -8,7 +8,7 @@ from tests.test_bench import run_script
 def test_gpu_check_quick_on_cpu_passes_and_reports_every_part(tmp_path):
     parts = "loader,train,resume,evaluation,sampling"  # rollback and ZeRO 0 are proven by test_health / test_ema
     proc = run_script("gpu_check.py", "--device", "cpu", "--quick", "--steps", "2", "--parts", parts,
-                      "--threads", "1", "--out", str(tmp_path), timeout=600)
+                      "--threads", "1", "--budget-s", "100000", "--out", str(tmp_path), timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     status = {p["name"]: p["status"] for p in report["parts"]}
