@@ -69,3 +69,22 @@ def test_draws_come_from_the_given_generator_per_rank_and_replay_from_its_state(
     assert not torch.equal(a, diff_augment(x, "color,translation,cutout", generator=rank1))  # ranks differ
     rank0.set_state(saved)
     assert torch.equal(a, diff_augment(x, "color,translation,cutout", generator=rank0))  # a resume replays
+
+
+def test_trainer_checkpoints_the_diffaugment_generator_and_resumes_exactly(tmp_path, digits_shards):
+    from tests.trainer_harness import make_trainer, state_fingerprint, tiny_config
+
+    shards, n = digits_shards
+    overrides = {"data.diffaug": "color,translation,cutout", "train.steps": 4, "train.checkpoint_every": 2}
+    straight = make_trainer(tiny_config(tmp_path, shards, n, **overrides), tmp_path)
+    assert straight.augment_rng.device == straight.device
+    straight.fit()
+    want = state_fingerprint(straight)
+    root = straight.store.fetch(straight.store.get(2), tmp_path / "dl")
+    assert "augment_rng" in torch.load(root / "rank0.pt", weights_only=False)  # per-rank state: a plain tensor
+    resumed = make_trainer(tiny_config(tmp_path, shards, n, **overrides), tmp_path)
+    resumed.load_checkpoint(straight.store.get(2))
+    resumed.fit()
+    got = state_fingerprint(resumed)
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    assert torch.equal(resumed.augment_rng.get_state(), straight.augment_rng.get_state())
