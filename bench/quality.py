@@ -198,7 +198,7 @@ def evaluate(trainer, args: argparse.Namespace, dataset: str) -> dict:
     classifier = ref.classifier()
     clf_s = time.perf_counter() - t0
     test = held_out(dataset, args.test_images)
-    out = quality(trainer.ema.model, ref, classifier, test, args, args.grid)
+    out = quality(trainer.ema.ready(), ref, classifier, test, args, args.grid)
     if args.raw_g:
         grid = str(Path(args.grid).with_name(Path(args.grid).stem + "_raw_g.png")) if args.grid else None
         out["raw_g"] = quality(trainer.G, ref, classifier, test, args, grid)

@@ -103,8 +103,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    g_lr: float = bounded(1e-4, gt=0)
-    d_lr: float = bounded(4e-4, gt=0)
+    g_lr: float = bounded(5e-5, gt=0)  # the paper's (SAGAN's rates halved); BigGAN-PyTorch's scripts: 1e-4 / 4e-4
+    d_lr: float = bounded(2e-4, gt=0)
     beta1: float = bounded(0.0, ge=0, lt=1)
     beta2: float = bounded(0.999, ge=0, lt=1)
     eps: float = bounded(1e-6, gt=0)
@@ -137,6 +137,7 @@ class TricksConfig:
 class EMAConfig:
     decay: float = bounded(0.9999, ge=0, lt=1)
     start_step: int = bounded(20_000, ge=0)  # before this, EMA G copies G
+    sn_itrs: int = bounded(8, ge=1)  # power iterations on EMA G's own weights before each use (warm-started from the last)
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -81,3 +82,86 @@ def build_engines(cfg: RunConfig, G: nn.Module, D: nn.Module, device: torch.devi
         )
         engines.append(engine)
     return engines[0], engines[1]
+
+
+# -- what lives inside the engines: fp32 master weights and Adam's state -----------------------------------------
+@dataclass
+class MasterSlice:
+    """The part of one parameter whose fp32 master weights this rank holds: flat elements [start, start + numel)
+    of the parameter, and `master`, a view of them inside the optimizer's fp32 partition (updated in place)."""
+
+    start: int
+    numel: int
+    master: torch.Tensor
+
+
+def master_slices(engine) -> dict[str, MasterSlice | None] | None:
+    """Where the optimizer keeps its own fp32 copy of the weights: each trained parameter's slice of it on this
+    rank (None: another rank holds all of it); None when the optimizer steps the module's parameters themselves
+    (ZeRO 0 in fp32).
+
+    DeepSpeed 0.19.8 picks the optimizer wrapper from the ZeRO stage and the dtypes, and copies the masters
+    into the module after each step:
+    - ZeRO 0 + bf16 (bf16 gradient accumulation, our config): `FP16_UnfusedOptimizer`, one whole fp32 copy
+      per parameter on every rank (`fp32_groups`, parallel to `fp16_groups`);
+    - ZeRO 1 in any precision: `DeepSpeedZeroOptimizer`, flat fp32 partitions, one per data-parallel rank
+      (`single_partition_of_fp32_groups`);
+    - bf16 with fp32 gradient accumulation: `BF16_Optimizer`, partitioned the same way.
+    The partitioned ones link each module parameter to its piece as `param._hp_mapping` (DeepSpeed's own
+    `safe_get_full_fp32_param` reads it too); the links are rebuilt when a checkpoint loads, so look them up
+    again after that rather than keeping them.
+    """
+    opt = engine.optimizer
+    if hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):
+        whole = {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lps, hps)}
+        return {name: MasterSlice(0, p.numel(), whole[id(p)].view(-1))
+                for name, p in engine.module.named_parameters() if id(p) in whole}
+    groups = getattr(opt, "bf16_groups", None) or getattr(opt, "bit16_groups", None)
+    if groups is None:
+        if engine.bfloat16_enabled():
+            raise RuntimeError(f"bf16 engine with an unknown optimizer {type(opt).__name__}: no fp32 masters found")
+        return None
+    trained = {id(p) for group in groups for p in group}
+    out: dict[str, MasterSlice | None] = {}
+    for name, p in engine.module.named_parameters():
+        if id(p) not in trained:
+            continue
+        link = getattr(p, "_hp_mapping", None)
+        out[name] = None if link is None else MasterSlice(
+            link.lp_fragment_address.start, link.lp_fragment_address.numel, link.hp_fragment
+        )
+    return out
+
+
+def fp32_master_slices(engine) -> dict[str, MasterSlice | None] | None:
+    """`master_slices` under bf16, where the module's weights are only a rounding of the masters; None in fp32
+    runs, where the module's (whole, all-gathered) weights equal them."""
+    return master_slices(engine) if engine.bfloat16_enabled() else None
+
+
+@torch.no_grad()
+def scale_weight_(engine, name: str, factor: float) -> None:
+    """Multiply one parameter by `factor` in the module and in the optimizer's master copy (if it keeps one),
+    so the change survives the next step's master-to-module copy."""
+    dict(engine.module.named_parameters())[name].mul_(factor)
+    piece = (master_slices(engine) or {}).get(name)
+    if piece is not None:
+        piece.master.mul_(factor)
+
+
+def reset_adam(engine) -> int:
+    """Forget everything Adam knows (both moments and the step count), so its next update is a first step
+    (|update| = lr per element for beta1 = 0); returns how many parameter states were reset.
+
+    Zeroing only the moments would keep bias correction near 1 and make the next step sqrt(1 / (1 - beta2))
+    times too large (about 32x at beta2 0.999). Tensors are reset in place, not dropped: DeepSpeed links its
+    checkpoint views to them.
+    """
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in opt.state.values():
+        for key, value in list(state.items()):
+            if torch.is_tensor(value):
+                value.zero_()
+            elif key == "step":
+                state[key] = type(value)(0)
+    return len(opt.state)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.config import HealthConfig
+from pipeline.engines import reset_adam
 
 
 @dataclass
@@ -165,12 +166,8 @@ def apply_mitigation(trainer, spec: str, rollbacks: int) -> list[str]:
         trainer.cfg.loss.r1_gamma = base * 2**rollbacks
         done.append(f"r1_gamma = {trainer.cfg.loss.r1_gamma:g}")
     if "reset_d_opt" in actions:
-        opt = getattr(trainer.d_engine.optimizer, "optimizer", trainer.d_engine.optimizer)
-        for state in opt.state.values():
-            for key, value in state.items():
-                if torch.is_tensor(value) and key != "step":
-                    value.zero_()
-        done.append("D optimizer moments reset")
+        reset_adam(trainer.d_engine)
+        done.append("D optimizer reset (moments and step count)")
     if "reseed_data" in actions:
         trainer.reseed_data(rollbacks)
         done.append(f"data order reseeded (+{rollbacks})")

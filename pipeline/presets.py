@@ -8,13 +8,26 @@ from pipeline.config import ConfigError, RunConfig
 
 
 def imagenet128() -> RunConfig:
-    """BigGAN at 128 px as in Brock et al. 2019, table 1 (batch 2048, ch 96, D:G 2:1)."""
+    """BigGAN at 128 px as in Brock et al. 2019 (batch 2048, ch 96, G 5e-5 / D 2e-4, Adam(0, 0.999), D:G 2:1)."""
     cfg = RunConfig(preset="imagenet128")
     cfg.model.arch, cfg.model.resolution, cfg.model.num_classes = "biggan", 128, 1000
-    cfg.data.batch_size, cfg.data.random_crop = 256, True
+    # the paper halves SAGAN's rates and takes 2 D steps per G step (as StudioGAN's BigGAN-2048 configs)
+    cfg.optim.g_lr, cfg.optim.d_lr, cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps = 5e-5, 2e-4, 0.0, 0.999, 1e-6
+    cfg.loss.d_steps = 2
+    # center crops, as the references train and as FID's reference statistics are taken
+    cfg.data.batch_size, cfg.data.random_crop = 256, False
     cfg.model.cross_replica_bn = True  # the paper's G normalizes over all replicas; imagenet256/512/128-deep inherit it
     cfg.cluster.num_workers, cfg.cluster.use_gpu, cfg.cluster.cpus_per_worker = 8, True, 8
     cfg.eval.every = 2000
+    return cfg
+
+
+def imagenet128_biggan_pytorch() -> RunConfig:
+    """BigGAN at 128 px with ajbrock/BigGAN-PyTorch's launch-script recipe: G 1e-4 / D 4e-4, 1 D step per G step."""
+    cfg = imagenet128()
+    cfg.preset = "imagenet128-biggan-pytorch"
+    cfg.optim.g_lr, cfg.optim.d_lr = 1e-4, 4e-4
+    cfg.loss.d_steps = 1
     return cfg
 
 
@@ -86,6 +99,7 @@ def wgan_gp_fmnist() -> RunConfig:
 
 PRESETS: dict[str, Callable[[], RunConfig]] = {
     "imagenet128": imagenet128,
+    "imagenet128-biggan-pytorch": imagenet128_biggan_pytorch,
     "imagenet128-deep": imagenet128_deep,
     "imagenet256": imagenet256,
     "imagenet512": imagenet512,

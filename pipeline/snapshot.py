@@ -121,6 +121,7 @@ class Snapshot:
             "rng": Part(rng_state, set_rng_state),
             "noise": Part(t.noise.get_state, lambda s: t.noise.set_state(s.to(t.noise.get_state().device))),
             "replay": Part(t.replay.state_dict, t.replay.load_state_dict),
+            "augment_rng": Part(t.augment_rng.get_state, lambda s: t.augment_rng.set_state(s.cpu())),
         }
         self._restore_data = True
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,15 +18,16 @@ import torch.distributed as dist
 import models
 from models.regularization import orthogonal_penalty
 from models.spectral import SpectralNorm, first_layer_sigma0, sigma0s
-from pipeline import losses, tricks
-from pipeline.augment import diff_augment
+from pipeline import drills, losses, tricks
+from pipeline.augment import augment_generator, diff_augment
 from pipeline.checkpoint import CheckpointInfo, CheckpointStore
 from pipeline.config import RunConfig, grad_accumulation_steps
 from pipeline.cross_replica import install_cross_replica_bn
 from pipeline.ema import EMA
-from pipeline.engines import build_engines, use_bf16
+from pipeline.engines import build_engines, fp32_master_slices, use_bf16
 from pipeline.finetune import init_generator_from
 from pipeline.health import HealthMonitor, apply_mitigation
+from pipeline.placement import check_placement
 from pipeline.snapshot import Snapshot
 from pipeline.tracking import Tracker
 
@@ -84,13 +84,16 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
         G, D = build_models(cfg)
         init_generator_from(cfg, G)  # model.init_from: fine-tuning from released weights
-        self.ema = EMA(G, cfg.ema.decay, cfg.ema.start_step)
         self.g_engine, self.d_engine = build_engines(cfg, G, D, device, world_size)
         self.G, self.D = self.g_engine.module, self.d_engine.module
-        if cfg.model.cross_replica_bn:
+        # from the device-resident module, averaging the fp32 masters (engines.fp32_master_slices)
+        self.ema = EMA(self.G, cfg.ema.decay, cfg.ema.start_step, power_iterations=cfg.ema.sn_itrs,
+                       masters=lambda: fp32_master_slices(self.g_engine))
+        if cfg.model.cross_replica_bn:  # after the EMA copy: EMA G normalizes with its own running statistics
             install_cross_replica_bn(self.G, group=self.g_engine.data_parallel_group)
         self.d_has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.D.modules())
         self.noise = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank)
+        self.augment_rng = augment_generator(cfg.train.seed, rank, device)  # DiffAugment: its own draws per rank
         self.replay = tricks.ReplayBuffer(cfg.tricks.replay_size, cfg.tricks.replay_fraction, seed=cfg.train.seed + rank)
         self.health = HealthMonitor(cfg.health, loss_kind=cfg.loss.kind)
 
@@ -113,6 +116,7 @@ class Trainer:
 
         self.evaluator = Evaluator(self)  # eval.every: FID of EMA G after checkpoints; last_fid for the health check
         self.snapshot = Snapshot(self)  # what a checkpoint holds: add state as a Part in snapshot.shared/per_rank
+        check_placement(self)
 
     # -- sampling ----------------------------------------------------------------------------------------------
     def _fixed_samples(self):
@@ -139,7 +143,7 @@ class Trainer:
     def d_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """What D sees of any image, real or fake: DiffAugment, then instance noise (both off by default)."""
         if self.cfg.data.diffaug:
-            x = diff_augment(x, self.cfg.data.diffaug)
+            x = diff_augment(x, self.cfg.data.diffaug, generator=self.augment_rng)
         std = tricks.instance_noise_std(self.step, self.cfg.tricks.instance_noise, self.cfg.tricks.instance_noise_decay_steps)
         if std > 0:
             x = tricks.add_instance_noise(x, std, self.noise)
@@ -236,7 +240,9 @@ class Trainer:
             self.d_step()
         self.g_step()
         self.step += 1
-        self.ema.update(self.G, self.step)
+        self.ema.update(self.step)
+        if self.step % self.cfg.train.sample_every == 0 or self.step == self.cfg.train.steps:
+            self.ema.ready()  # collective: every rank, before rank 0 samples
         if self.inject_collapse_at is not None and self.step == self.inject_collapse_at and not self.injected:
             self.inject_collapse()
 
@@ -283,6 +289,7 @@ class Trainer:
             dist.barrier()
 
     def save_checkpoint(self, metrics: dict | None = None) -> CheckpointInfo:
+        self.ema.ready()  # collective: the whole average, with its own spectral norms
         return self.snapshot.save(metrics)
 
     def open_loader(self, epoch: int, offset: int) -> None:
@@ -305,14 +312,8 @@ class Trainer:
         return self.snapshot.restore(before=before, healthy=healthy)
 
     # -- collapse drill and rollback -----------------------------------------------------------------------------
-    @torch.no_grad()
     def inject_collapse(self) -> None:
-        """Provoke a collapse on purpose: blow up G's first layer and D's learning rate."""
-        self.injected = True
-        self.G.linear.weight.mul_(25.0)
-        for group in self.d_engine.optimizer.param_groups:
-            group["lr"] *= 100.0
-        log.warning("rank %d: injected a collapse at step %d", self.rank, self.step)
+        drills.inject_collapse(self)
 
     def rollback(self, decision) -> bool:
         """Restore the newest healthy checkpoint before the onset on every rank; False if there is none left."""
@@ -345,16 +346,16 @@ class Trainer:
     def log_samples(self) -> None:
         from pipeline.sample import save_grid
 
-        self.ema.model.eval()
+        G_ema = self.ema.ready().eval()  # already assembled on every rank (train_iteration)
         with torch.no_grad():
-            images = self.ema.model(self._sample_z, self._sample_y).float().cpu()
+            images = G_ema(self._sample_z, self._sample_y).float().cpu()
         path = self.work_dir / f"samples_{self.step:08d}.png"
         save_grid(images, path, nrow=SAMPLES_PER_CLASS)
         self.tracker.log_artifact(path, "samples")
 
     def health_signals(self, losses_now: dict[str, float]) -> dict[str, float]:
         """Everything the monitor judges, averaged over ranks in one all-reduce."""
-        local = {"variety": self.health.sample_variety(self.ema.model, self._sample_z, self._sample_y)}
+        local = {"variety": self.health.sample_variety(self.ema.ready(), self._sample_z, self._sample_y)}
         d_sigmas = [v.float() for k, v in self.spectral_signals().items() if k.startswith("sigma0/D/")]
         if d_sigmas:  # spectrally normalized nets (BigGAN); DCGAN has none
             local["sigma0_d_max"] = torch.stack(d_sigmas).max()
@@ -438,6 +439,7 @@ class Trainer:
 
         if self.status == "running":
             self.status = "finished"
+        self.ema.ready()
         self.evaluator.finish()  # rank 0: truncation sweep (eval.truncation_sweep), pending model registrations
         if self.rank == 0:
             healthy = self.store.newest_healthy()
@@ -452,14 +454,7 @@ class Trainer:
         return {"status": self.status, "step": self.step, "rollbacks": self.rollbacks, "run_id": self.tracker.run_id}
 
     def _maybe_fail_once(self) -> None:
-        """Kill this process (the last rank) once at the given step, as a crashed worker would die."""
-        if self.fail_once_at and self.step == self.fail_once_at[0] and self.rank == self.world_size - 1:
-            flag = self.fail_once_at[1]
-            if not flag.exists():
-                flag.parent.mkdir(parents=True, exist_ok=True)
-                flag.write_text(str(self.step))
-                log.error("rank %d: dying on purpose at step %d (BIGGAN_FAIL_ONCE_AT)", self.rank, self.step)
-                os._exit(1)
+        drills.fail_once(self)
 
     def take_metrics_peek(self) -> dict[str, float]:
         """Loss means since the last log, without resetting them (health checks between log steps)."""

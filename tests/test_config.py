@@ -17,8 +17,14 @@ def test_every_preset_validates_and_round_trips(name):
 
 def test_paper_settings_are_the_imagenet128_defaults():
     cfg = get_preset("imagenet128")
-    assert (cfg.train.global_batch, cfg.loss.d_steps, cfg.optim.g_lr, cfg.optim.d_lr) == (2048, 2, 1e-4, 4e-4)
+    assert (cfg.train.global_batch, cfg.loss.d_steps, cfg.optim.g_lr, cfg.optim.d_lr) == (2048, 2, 5e-5, 2e-4)
     assert (cfg.optim.beta1, cfg.optim.beta2, cfg.ema.decay, cfg.loss.ortho_beta) == (0.0, 0.999, 0.9999, 1e-4)
+    assert cfg.optim.eps == 1e-6 and not cfg.data.random_crop  # center crops
+    for name in ("imagenet128-deep", "imagenet256", "imagenet512"):  # the same schedule at every size
+        other = get_preset(name)
+        assert (other.optim.g_lr, other.optim.d_lr, other.loss.d_steps, other.data.random_crop) == (5e-5, 2e-4, 2, False)
+    ref = get_preset("imagenet128-biggan-pytorch")  # BigGAN-PyTorch's launch scripts
+    assert (ref.optim.g_lr, ref.optim.d_lr, ref.loss.d_steps, ref.model.arch) == (1e-4, 4e-4, 1, "biggan")
     assert C.grad_accumulation_steps(cfg) == 1
     cfg.cluster.num_workers = 2
     assert C.grad_accumulation_steps(cfg) == 4  # 2048 = 256 x 2 workers x 4 micro-steps

@@ -55,3 +55,36 @@ def test_each_call_draws_new_parameters_for_real_and_fake_alike():
     a, b = diff_augment(real), diff_augment(real)
     assert not torch.equal(a, b)
     assert torch.isfinite(a).all()
+
+
+def test_draws_come_from_the_given_generator_per_rank_and_replay_from_its_state():
+    from pipeline.augment import augment_generator
+
+    x = torch.rand(6, 3, 16, 16) * 2 - 1
+    rank0, rank1 = augment_generator(0, 0, x.device), augment_generator(0, 1, x.device)
+    saved = rank0.get_state()
+    torch.manual_seed(0)
+    a = diff_augment(x, "color,translation,cutout", generator=rank0)
+    torch.manual_seed(1)  # the global generator plays no part
+    assert not torch.equal(a, diff_augment(x, "color,translation,cutout", generator=rank1))  # ranks differ
+    rank0.set_state(saved)
+    assert torch.equal(a, diff_augment(x, "color,translation,cutout", generator=rank0))  # a resume replays
+
+
+def test_trainer_checkpoints_the_diffaugment_generator_and_resumes_exactly(tmp_path, digits_shards):
+    from tests.trainer_harness import make_trainer, state_fingerprint, tiny_config
+
+    shards, n = digits_shards
+    overrides = {"data.diffaug": "color,translation,cutout", "train.steps": 4, "train.checkpoint_every": 2}
+    straight = make_trainer(tiny_config(tmp_path, shards, n, **overrides), tmp_path)
+    assert straight.augment_rng.device == straight.device
+    straight.fit()
+    want = state_fingerprint(straight)
+    root = straight.store.fetch(straight.store.get(2), tmp_path / "dl")
+    assert "augment_rng" in torch.load(root / "rank0.pt", weights_only=True)  # per-rank state: a plain tensor
+    resumed = make_trainer(tiny_config(tmp_path, shards, n, **overrides), tmp_path)
+    resumed.load_checkpoint(straight.store.get(2))
+    resumed.fit()
+    got = state_fingerprint(resumed)
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    assert torch.equal(resumed.augment_rng.get_state(), straight.augment_rng.get_state())

@@ -1,0 +1,53 @@
+"""What lives inside the DeepSpeed engines: Adam's state (reset by a mitigation) and the fp32 master weights."""
+
+import pytest
+import torch
+from deepspeed.utils import safe_get_full_fp32_param
+
+from pipeline.health import apply_mitigation
+from tests.test_ema import fp32_master
+from tests.trainer_harness import make_trainer, tiny_config
+
+
+def d_weights(trainer) -> list[torch.Tensor]:
+    if trainer.d_engine.bfloat16_enabled():
+        return [fp32_master(trainer.d_engine, p) for p in trainer.D.parameters()]
+    return [p.detach().clone() for p in trainer.D.parameters()]
+
+
+@pytest.mark.parametrize("precision, zero_stage", [("fp32", 0), ("bf16", 1)])
+def test_reset_d_opt_makes_the_next_update_a_first_adam_step(tmp_path, digits_shards, precision, zero_stage):
+    shards, n = digits_shards
+    cfg = tiny_config(tmp_path, shards, n, **{"train.precision": precision, "optim.zero_stage": zero_stage,
+                                              "loss.d_steps": 1})
+    trainer = make_trainer(cfg, tmp_path)
+    for _ in range(6):
+        trainer.train_iteration()
+    assert "reset" in apply_mitigation(trainer, "reset_d_opt", 1)[0]
+    opt = getattr(trainer.d_engine.optimizer, "optimizer", trainer.d_engine.optimizer)
+    assert all(float(s["step"]) == 0 and s["exp_avg"].abs().sum() == 0 for s in opt.state.values())
+    lr = trainer.d_engine.optimizer.param_groups[0]["lr"]
+    before = d_weights(trainer)
+    trainer.d_step()
+    update = torch.cat([(a - b).flatten() for a, b in zip(d_weights(trainer), before)]).abs()
+    # beta1 = 0: a first Adam step moves each weight by lr * |g| / (|g| + eps), i.e. lr where g is not tiny;
+    # zeroing only the moments would have moved them by lr * sqrt((1 - beta2^7) / (1 - beta2)) = 2.6 lr
+    assert update.max() <= lr * 1.001
+    assert update.median() > 0.9 * lr
+    assert all(float(s["step"]) == 1 for s in opt.state.values())
+
+
+def test_collapse_drill_survives_the_bf16_master_copy(tmp_path, digits_shards):
+    """The drill scales the fp32 master too: DeepSpeed's master-to-module copy at the next step keeps it."""
+    shards, n = digits_shards
+    cfg = tiny_config(tmp_path, shards, n, **{"train.precision": "bf16", "optim.zero_stage": 1})
+    trainer = make_trainer(cfg, tmp_path)
+    trainer.train_iteration()
+    w = trainer.G.linear.weight
+    before = safe_get_full_fp32_param(w).norm()
+    d_lr = trainer.d_engine.optimizer.param_groups[0]["lr"]
+    trainer.inject_collapse()
+    trainer.train_iteration()
+    assert safe_get_full_fp32_param(w).norm() / before > 20  # one G step cannot undo a x25
+    assert w.float().norm() / before > 20  # and the module's bf16 copy agrees
+    assert trainer.d_engine.optimizer.param_groups[0]["lr"] == pytest.approx(100 * d_lr)
