@@ -9,7 +9,10 @@ Entry points:
 - ``models.spectral``: ``sigma0s(module)``, ``first_layer_sigma0(G)``.
 - ``models.regularization``: ``orthogonal_penalty(G, beta=1e-4)``.
 - ``models.sampling``: ``truncated_normal``, ``standing_stats``.
-- ``models.pretrained``: ``load_biggan_deep(path)``.
+- ``models.pretrained``: ``load_biggan_deep(path)`` (sampling), ``init_generator_from_pretrained(G, path)``
+  (fine-tuning).
+- ``models.layers``: batch norms take an optional ``batch_stats`` function (``BatchStats``) that turns
+  local per-channel sums into the sums over the batch to normalize with (cross-replica BatchNorm).
 """
 
 from . import dcgan as _dcgan  # noqa: E402,F401  (registers "dcgan")

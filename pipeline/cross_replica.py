@@ -83,7 +83,7 @@ def install_cross_replica_bn(G: nn.Module, group=None) -> int:
 
         raise ConfigError(
             f"model.cross_replica_bn: {type(G).__name__} has no BigGAN batch norms to reduce across replicas "
-            "(only biggan and biggan-deep generators have them); set model.cross_replica_bn=false"
+            "(the biggan, biggan-deep and dcgan generators have them); set model.cross_replica_bn=false"
         )
     for m in norms:
         m.batch_stats = reducer

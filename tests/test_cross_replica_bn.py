@@ -245,6 +245,24 @@ def test_trainer_with_cross_replica_bn_on_one_rank_trains_as_local_bn(tmp_path):
             assert runs[True][1][key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
 
 
+def test_bf16_trainer_with_cross_replica_bn_keeps_fp32_statistics(tmp_path):
+    from tests.data_helpers import write_id_shards
+    from tests.trainer_harness import make_trainer, tiny_config
+
+    write_id_shards(tmp_path / "shards", [16], num_classes=5, resolution=32)
+    cfg = tiny_config(tmp_path, str(tmp_path / "shards"), 5,
+                      **{"model.cross_replica_bn": True, "train.precision": "bf16", "model.attention": 16,
+                         "model.g_ch": 8})
+    trainer = make_trainer(cfg, tmp_path)
+    before = trainer.G.output_bn.running_mean.clone()
+    trainer.train_iteration()
+    metrics = trainer.take_metrics()
+    assert all(v == v and abs(v) < 1e4 for v in metrics.values()), metrics  # finite
+    assert trainer.G.linear.weight.dtype == torch.bfloat16  # DeepSpeed's bf16 module weights
+    bn = trainer.G.output_bn
+    assert bn.running_mean.dtype == torch.float32 and not torch.equal(bn.running_mean, before)
+
+
 def test_imagenet_presets_use_cross_replica_bn():
     from pipeline.presets import PRESETS, get_preset
 
