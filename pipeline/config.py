@@ -122,6 +122,7 @@ class TrackingConfig:
     experiment: str = "biggan"
     run_name: str = ""  # "" = <preset>-<timestamp>
     retries: int = 3  # attempts per tracking call before warning and moving on
+    system_metrics_every: float = 10.0  # seconds between MLflow system-metrics samples per node; 0 = off
 
 
 @dataclass

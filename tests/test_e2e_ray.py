@@ -92,7 +92,7 @@ def test_job_submit_on_two_nodes_is_tracked(ray_cluster, mlflow_server, digits_s
     assert run.data.params["train.steps"] == "8" and run.data.params["model.arch"] == "biggan"
     tags = run.data.tags
     assert tags["world_size"] == "2" and tags["num_nodes"] == "2"  # one worker on each node
-    assert tags["ray_job_id"] and tags["git_commit"] and tags["status"] == "finished"
+    assert tags["ray_job_id"] and tags["mlflow.source.git.commit"] and tags["status"] == "finished"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert artifacts, "no sample grid logged"
     assert "config.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
