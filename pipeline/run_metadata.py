@@ -17,7 +17,8 @@ Rank 0 logs, through the Tracker (so nothing here can stall training):
 
 The lowest rank on each node starts MLflow's own system-metrics monitor (CPU, memory, disk, network; GPU where
 `pynvml` imports, e.g. from nvidia-ml-py) for the run, every `tracking.system_metrics_every` seconds, named
-`system/<node>/...`. A restarted worker group continues the monitors' steps.
+`system/<node>/...`. A restarted worker group continues the monitors' steps. NOTE: MLflow's monitor ends for
+good when it cannot reach the server or the run is no longer RUNNING (its own rule); training goes on.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def flat_params(cfg: RunConfig) -> dict[str, str]:
 
 # -- source ---------------------------------------------------------------------------------------------------
 def git_commit() -> str | None:
-    """HEAD of the checkout this code runs from; $BIGGAN_GIT_COMMIT where there is no .git (container images)."""
+    """HEAD of the checkout this code runs from; $BIGGAN_GIT_COMMIT where there is no .git (container images,
+    a `ray job submit --working-dir` copy, which leaves .git out). None when neither says."""
     if os.environ.get(GIT_COMMIT_ENV):
         return os.environ[GIT_COMMIT_ENV]
     try:
@@ -91,9 +93,12 @@ def entry_point() -> str:
     spec = getattr(main, "__spec__", None)
     if spec is not None and spec.name:
         return f"python -m {spec.name.removesuffix('.__main__')}"
-    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
-    if script is None:
+    if not sys.argv or not sys.argv[0]:
         return "python"
+    try:
+        script = Path(sys.argv[0]).resolve()
+    except OSError:  # the working directory is gone (e.g. a Ray job's): keep the path as given
+        return sys.argv[0]
     return str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else str(script)
 
 
@@ -222,16 +227,23 @@ class RunReview:
                 log.warning("run metadata: cannot read the manifest of %s (%s)", cfg.data.shards, err)
         review = cls(tracker, cfg, rank, world_size, len(set(names)), manifest)
         if rank == 0 and tracker.enabled:
-            tracker.log_params(flat_params(cfg))
-            tracker.log_text(cfg.dumps(), "config.json")
-            tracker.set_tags({**source_tags(), "world_size": world_size, **(tags or {}),
-                              NOTE_TAG: review.description("running")})
-            if manifest is not None:
-                tracker.log_inputs([dataset_input(cfg.data.shards, manifest)])
+            try:  # NOTE: never raise between the two gathers: the other ranks would wait forever
+                review._log_metadata(tags or {})
+            except Exception as err:  # noqa: BLE001 - metadata is for reviewers; training goes on without it
+                log.warning("run metadata: not logged (%s: %s)", type(err).__name__, err)
         run_id = _gather(tracker.wait_for_run_id() if rank == 0 else None, world_size)[0]
         if first_on_node and run_id and cfg.tracking.system_metrics_every > 0:
             review._start_monitor(run_id, name)
         return review
+
+    def _log_metadata(self, tags: dict[str, Any]) -> None:
+        cfg, tracker = self.cfg, self.tracker
+        tracker.log_params(flat_params(cfg))
+        tracker.log_text(cfg.dumps(), "config.json")
+        tracker.set_tags({**source_tags(), "world_size": self.world_size, **tags,
+                          NOTE_TAG: self.description("running")})
+        if self.manifest is not None:
+            tracker.log_inputs([dataset_input(cfg.data.shards, self.manifest)])
 
     def description(self, status: str, step: int | None = None) -> str:
         return describe(self.cfg, self.manifest, world_size=self.world_size, nodes=self.nodes, status=status,

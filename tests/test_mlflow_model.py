@@ -99,6 +99,7 @@ def test_load_model_by_alias_returns_images_of_the_registered_weights(registered
         best.predict(pd.DataFrame({"class_id": [0, 9]}))
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_answers_invocations(registered, tmp_path):
     port = free_port()
     # the server runs `uvicorn` from PATH: the venv's bin, as in an activated environment
