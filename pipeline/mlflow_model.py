@@ -170,7 +170,8 @@ def requirements() -> list[str]:
     out = []
     for name in REQUIREMENTS:
         try:
-            out.append(f"{name}=={metadata.version(name)}")
+            # a local label (torch 2.13.0+cu130) names no package on an index: pin the release
+            out.append(f"{name}=={metadata.version(name).split('+')[0]}")
         except metadata.PackageNotFoundError:
             out.append(name)
     return out
