@@ -171,6 +171,7 @@ class TrackingConfig:
     experiment: str = "biggan"
     run_name: str = ""  # "" = <preset>-<timestamp>
     retries: int = bounded(3, ge=1)  # attempts for a call the server answers 5xx/429 before it is dropped (counted)
+    system_metrics_every: float = bounded(10.0, ge=0)  # seconds between MLflow system-metrics samples per node; 0 = off
 
 
 @dataclass

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from pipeline.config import ConfigError, RunConfig, from_dict
 from pipeline.ray_local import init_ray
+from pipeline.run_metadata import RunReview, source_tags
 from pipeline.tracking import default_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -53,16 +53,6 @@ def finalize(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5,
-            cwd=Path(__file__).resolve().parent.parent,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def run_training(cfg: RunConfig, inject_collapse_at: int | None = None) -> dict:
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
@@ -78,8 +68,8 @@ def run_training(cfg: RunConfig, inject_collapse_at: int | None = None) -> dict:
         train_loop_per_worker=worker_main,
         train_loop_config={
             "cfg": cfg.to_dict(), "paths": paths, "inject_collapse_at": inject_collapse_at,
-            "tags": {"git_commit": git_commit(), "ray_job_id": job_id, "world_size": cfg.cluster.num_workers,
-                     "preset": cfg.preset},
+            "tags": {**source_tags(), "ray_job_id": job_id, "world_size": cfg.cluster.num_workers,
+                     "preset": cfg.preset},  # the driver's entry point and commit, for every worker's RunReview
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
@@ -169,15 +159,15 @@ def worker_main(config: dict) -> None:
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if rank == 0:
         tracker.set_tags({"worker_nodes": ",".join(nodes), "num_nodes": len(set(nodes))})
-        tracker.log_params(cfg.flat())
-        tracker.log_text(cfg.dumps(), "config.json")
-        tracker.set_tags(config["tags"])
+    # params, config.json, source tags, dataset input, description; one system-metrics monitor per node
+    review = RunReview.begin(tracker, cfg, rank=rank, world_size=world, tags=config["tags"])
     fail_at = int(os.environ.get("BIGGAN_FAIL_ONCE_AT", "0") or 0)
     if fail_at:
         trainer.fail_once_at = (fail_at, Path(paths["output_dir"]) / "failed_once.flag")
     try:
         result = trainer.fit()
     finally:
+        review.end(trainer.status, trainer.step)
         if rank == 0:
             tracker.set_status("FINISHED" if trainer.status in ("finished", "collapsed") else "FAILED")
             tracker.close()

@@ -8,7 +8,8 @@
 The checkpoint is the trainer's weights-only file: a dict with g_ema_state (state_dict), config (the
 RunConfig dict) and class_names, loaded with torch.load(weights_only=True). MLflow URIs are downloaded
 first (set MLFLOW_TRACKING_URI or --tracking-uri); a downloaded folder must hold one .pt file (g_ema.pt
-preferred). The grid has one row per class; the interpolation sheet has one row per class, slerping
+preferred): a registered pyfunc model (pipeline.mlflow_model) keeps it in artifacts/, and versions
+registered before that format are the bare checkpoint folder. The grid has one row per class; the interpolation sheet has one row per class, slerping
 between two latents in --interp steps. `save_grid` is the PNG writer the trainer reuses for sample grids.
 """
 

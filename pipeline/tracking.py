@@ -142,6 +142,10 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._put("_log_text", (text, artifact_file))
 
+    def log_inputs(self, datasets: list) -> None:
+        """The run's input datasets (mlflow.entities.DatasetInput; see pipeline.run_metadata)."""
+        self._put("_log_inputs", (list(datasets),))
+
     def set_status(self, status: str) -> None:
         """FINISHED, FAILED or KILLED; the run's outcome (e.g. collapsed) goes in a tag."""
         self._put("_set_status", (status,))
@@ -360,6 +364,9 @@ class Tracker:
 
     def _log_text(self, text: str, artifact_file: str) -> None:
         self._mlflow().log_text(self.run_id, text, artifact_file)
+
+    def _log_inputs(self, datasets: list) -> None:
+        self._mlflow().log_inputs(self.run_id, datasets=datasets)
 
     def _set_status(self, status: str) -> None:
         self._mlflow().set_terminated(self.run_id, status=status)

@@ -64,6 +64,10 @@ def submit(cluster, args: list[str], env_vars: dict, timeout: int = 420) -> subp
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+def _head() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+
 def _run(client: MlflowClient, name: str):
     exp = client.get_experiment_by_name("biggan")
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`biggan.run_name` = '{name}'")
@@ -74,10 +78,12 @@ def test_job_submit_on_two_nodes_is_tracked(ray_cluster, mlflow_server, digits_s
     assert _alive_node_addresses(ray_cluster["gcs"]) == ["127.0.0.1", "127.0.0.1"]
     shards, _ = digits_shards
     name = f"e2e-two-node-{int(time.time())}"
+    head = _head()
     job = submit(ray_cluster, ["launch/demo.py", "--data", shards, *TINY, "--set", "train.steps=8",
                                "--set", "cluster.placement_strategy=STRICT_SPREAD", "--set", f"tracking.run_name={name}",
                                "--set", f"train.output_dir={tmp_path}"],
-                 {"MLFLOW_TRACKING_URI": mlflow_server.uri})
+                 # the job's working-dir copy has no .git: the submitter names the commit
+                 {"MLFLOW_TRACKING_URI": mlflow_server.uri, "BIGGAN_GIT_COMMIT": head})
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "[step 8/8]" in job.stdout and "[finished] step 8" in job.stdout
     client = MlflowClient(mlflow_server.uri)
@@ -92,7 +98,8 @@ def test_job_submit_on_two_nodes_is_tracked(ray_cluster, mlflow_server, digits_s
     assert run.data.params["train.steps"] == "8" and run.data.params["model.arch"] == "biggan"
     tags = run.data.tags
     assert tags["world_size"] == "2" and tags["num_nodes"] == "2"  # one worker on each node
-    assert tags["ray_job_id"] and tags["git_commit"] and tags["status"] == "finished"
+    assert tags["ray_job_id"] and tags["mlflow.source.git.commit"] == head and tags["status"] == "finished"
+    assert "status: **finished** at step 8/8" in tags["mlflow.note.content"] and run.inputs.dataset_inputs
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert artifacts, "no sample grid logged"
     assert "config.json" in {a.path for a in client.list_artifacts(run.info.run_id)}

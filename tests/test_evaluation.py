@@ -71,7 +71,9 @@ def test_evaluation_in_training_logs_fid_marks_best_and_registers_the_model(tmp_
     assert versions and all(v.run_id == run_id for v in versions)
     top = client.get_model_version_by_alias(name, "best")
     assert top.tags["step"] == str(best_step) and float(top.tags["fid"]) == pytest.approx(fids[best_step])
-    assert top.source == f"runs:/{run_id}/checkpoints/step-{best_step:08d}"
+    assert top.source.startswith("models:/m-")  # a pyfunc LoggedModel of the run (pipeline.mlflow_model)
+    logged = client.get_logged_model(top.source.removeprefix("models:/"))
+    assert logged.tags["checkpoint"] == f"runs:/{run_id}/checkpoints/step-{best_step:08d}/g_ema.pt"
     assert [f.path for f in client.list_artifacts(run_id, f"checkpoints/step-{best_step:08d}")] == [
         f"checkpoints/step-{best_step:08d}/g_ema.pt"
     ]

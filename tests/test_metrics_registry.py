@@ -1,9 +1,10 @@
-"""register_best: model versions with fid/config/classes tags in an MLflow registry (sqlite), and sampling
-from the registered model."""
+"""register_best: pyfunc model versions with fid/config/classes tags in an MLflow registry (sqlite straight to
+the database), the best alias, and sampling from the registered model."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,7 +52,11 @@ def test_register_best_records_tags_and_moves_the_best_alias_only_on_improvement
     assert float(stored.tags["fid"]) == 31.5 and stored.tags["step"] == "100"
     assert json.loads(stored.tags["classes"]) == NAMES
     assert from_dict(json.loads(stored.tags["config"])).to_dict() == cfg.to_dict()
-    assert stored.run_id == run_id and stored.source.endswith("checkpoints/best")
+    assert stored.run_id == run_id
+    model_dir = Path(client.get_model_version_download_uri("biggan-demo", "1"))
+    assert (model_dir / "MLmodel").is_file() and (model_dir / "artifacts" / "g_ema.pt").is_file()
+    assert json.loads((model_dir / "artifacts" / "classes.json").read_text()) == NAMES
+    assert (model_dir / "code" / "pipeline" / "mlflow_model.py").is_file() and not list(model_dir.rglob("*.pyc"))
     assert str(client.get_model_version_by_alias("biggan-demo", "best").version) == "1"  # 40 is worse
     register_best(run_id, "checkpoints/best", "biggan-demo", cfg, NAMES, 12.25, tracking_uri=uri)
     assert str(client.get_model_version_by_alias("biggan-demo", "best").version) == "3"
