@@ -59,7 +59,8 @@ def test_evaluation_in_training_logs_fid_marks_best_and_registers_the_model(tmp_
     assert sorted(m.step for m in history) == [2, 4]
     assert all(math.isfinite(m.value) and m.value >= 0 for m in history)
     logged = client.get_run(run_id).data.metrics
-    for key in ("eval/is_mean", "eval/precision", "eval/recall", "truncation/0.5/fid", "truncation/none/fid"):
+    for key in ("eval/is_mean", "eval/precision_classifier", "eval/recall_classifier", "truncation/0.5/fid",
+                "truncation/none/fid"):
         assert key in logged
 
     # the best evaluation marks its checkpoint, and its g_ema.pt is a registered model version
