@@ -193,7 +193,8 @@ class ReferenceSet:
         return metrics.VGG16Extractor.from_weights(path, device=self.device, batch_size=self.ecfg.batch_size)
 
     def vgg16(self) -> tuple[metrics.FeatureExtractor, metrics.ReferenceStats] | None:
-        """(VGG16, real VGG16 feature rows) for precision/recall as NVIDIA computes it; None without weights."""
+        """(VGG16, real VGG16 features of all `count` reference images) for precision/recall as NVIDIA's pr50k3
+        computes it; None without weights."""
         if self._vgg is None:
             vgg = self.vgg16_extractor()
             if vgg is None:
@@ -201,7 +202,7 @@ class ReferenceSet:
             path = metrics.reference_stats_path(self.cache_dir, vgg, self.resolution, self.count, prefix="pr_features")
             with contextlib.closing(self._batches()) as batches:
                 rows = metrics.reference_stats(batches, vgg, path, max_images=self.count,
-                                               keep_features=self.ecfg.pr_samples, seed=SEED, moments=False)
+                                               keep_features=self.count, seed=SEED, moments=False)
             self._vgg = (vgg, rows)
         return self._vgg
 

@@ -9,6 +9,7 @@ import logging
 import math
 import shutil
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from pipeline import config as C
 from pipeline import evaluation
 from pipeline.tracking import Tracker
 from tests import eval_ranks
+from tests.test_metrics_vgg16 import write_tiny_vgg16
 from tests.trainer_harness import make_trainer, tiny_config
 
 mlflow = pytest.importorskip("mlflow")
@@ -153,20 +155,24 @@ def test_eval_every_must_be_a_multiple_of_checkpoint_every():
 def test_every_rank_evaluates_its_share_and_gets_the_one_process_metrics(tmp_path, shards_copy):
     shards, n = shards_copy
     # 61 samples in batches of 25: the two ranks' batches (25+6, 25+5) differ from one process's (25+25+11)
+    vgg16 = write_tiny_vgg16(tmp_path / "vgg16.pt")  # NVIDIA's interface; precision/recall in its features too
     cfg = tiny_config(tmp_path, shards, n, **{**FAST_EVAL, "eval.num_samples": 61, "eval.batch_size": 25,
                                               "eval.reference_images": 200, "eval.classifier_epochs": 12,
                                               "eval.every": 2, "train.checkpoint_every": 2,
-                                              "eval.truncation_sweep": "0.5"})
+                                              "eval.truncation_sweep": "0.5", "eval.vgg16_weights": vgg16})
     from pipeline.trainer import build_models
 
     torch.manual_seed(0)
     real, _ = evaluation.real_images(shards, count=200, batch_size=50, resolution=32)
     G = eval_ranks.HalfRealG(build_models(cfg)[0], real)  # what both worlds evaluate; the ranks get it pickled
     one = eval_ranks.evaluate(eval_ranks.trainer_stub(cfg, 0, 1, copy.deepcopy(G), tmp_path / "work"))
-    assert set(one["latest"]) == {"fid", "is_mean", "is_std", "precision_classifier", "recall_classifier"}
+    assert set(one["latest"]) == {"fid", "is_mean", "is_std", "precision_classifier", "recall_classifier",
+                                  "precision_vgg16", "recall_vgg16"}
     assert one["take"] == [one["fid"], None] and math.isfinite(one["fid"])
     metrics = one["latest"]
     assert metrics["is_mean"] > 1.1 and 0 < metrics["precision_classifier"] and 0 < metrics["recall_classifier"]
+    assert 0 < metrics["precision_vgg16"] <= 1 and 0 < metrics["recall_vgg16"] <= 1
+    assert (Path(shards) / "pr_features_vgg16_32_200.npz").is_file()  # real VGG16 rows, cached like FID stats
 
     out = str(tmp_path / "got")
     mp.spawn(eval_ranks.evaluate_on_two_ranks, args=(str(tmp_path / "pg"), cfg, G, out), nprocs=2, join=True)

@@ -105,16 +105,16 @@ def test_precision_recall_in_vgg16_features_next_to_the_main_space(tiny_vgg, tmp
     ref = generator_reference(G, 400, seed=1, ex=ex, tmp_path=tmp_path)
     real = torch.cat([imgs for imgs, _ in generate(G, num_classes=4, dim_z=16, num_samples=300, batch_size=100,
                                                     seed=9)])
-    real_vgg = compute_reference_stats([real], vgg, keep_features=200, moments=False)
-    assert real_vgg.mu.size == 0 and real_vgg.sigma.size == 0 and real_vgg.features.shape == (200, 24)
+    real_vgg = compute_reference_stats([real], vgg, keep_features=300, moments=False)
+    assert real_vgg.mu.size == 0 and real_vgg.sigma.size == 0 and real_vgg.features.shape == (300, 24)
     out = evaluate_generator(G, num_classes=4, dim_z=16, num_samples=250, batch_size=64, extractor=ex, ref_stats=ref,
                              seed=0, pr_samples=150, pr_spaces=[(vgg, real_vgg)])
     assert set(out) == {"fid", "is_mean", "is_std", "precision_pooled", "recall_pooled", "precision_vgg16",
                         "recall_vgg16"}
-    # the same numbers as precision_recall on the VGG16 features of the first 150 samples
+    # as pr50k3: every real row (300) against the first pr_samples (150) generated samples' VGG16 features
     fake = torch.cat([imgs for imgs, _ in generate(G, num_classes=4, dim_z=16, num_samples=250, batch_size=64,
                                                     seed=0)])[:150]
-    expected = precision_recall(real_vgg.features[:150], vgg.features(fake).numpy())
+    expected = precision_recall(real_vgg.features, vgg.features(fake).numpy())
     assert (out["precision_vgg16"], out["recall_vgg16"]) == expected
     assert 0 < out["precision_vgg16"] <= 1 and 0 < out["recall_vgg16"] <= 1
     with pytest.raises(ValueError, match="needs real 'vgg16' features"):

@@ -136,7 +136,9 @@ def evaluate_generator(
     <space> names the features precision/recall ran in (extractor.space: "inception", "classifier", and one
     pair more per entry of pr_spaces, e.g. "vgg16", each with real features kept in its ReferenceStats).
     is_mean/is_std are present when the extractor has logits; precision/recall when the reference keeps feature
-    rows (both sets cut to the same size, at most pr_samples). Non-finite images give NaN metrics. With several
+    rows: in the extractor's space both sets are cut to the same size (at most pr_samples); in a pr_spaces
+    space all the kept real rows face the first pr_samples generated ones, as NVIDIA's pr50k3 (200k real
+    images at most against 50k generated) does. Non-finite images give NaN metrics. With several
     ranks every rank returns the same numbers; a failure on any rank raises RankFailed on every rank.
     """
     ref = _load_ref(ref_stats)
@@ -190,16 +192,20 @@ def evaluate_generator(
     out = {"fid": frechet_distance(stats.mean, stats.cov, ref.mu, ref.sigma)}
     if is_stats is not None and group.all_true(is_stats.p_sum is not None or lo == hi):
         out["is_mean"], out["is_std"] = is_stats.all_reduce(group).score()
-    for rows, (ex, r) in zip(kept, spaces):
+    for i, (rows, (ex, r)) in enumerate(zip(kept, spaces)):
         if r.features is None:
             continue
         fake = group.gather_rows(np.concatenate(rows) if rows else np.zeros((0, 0), np.float32))
-        n = min(len(fake), len(r.features), pr_samples)
-        if n > pr_k:
+        # the main space compares equal numbers of rows; pr_spaces follow pr50k3: every kept real row against
+        # the first pr_samples generated ones
+        n_real = min(len(fake), len(r.features), pr_samples) if i == 0 else len(r.features)
+        n_fake = min(len(fake), pr_samples) if i else n_real
+        if min(n_real, n_fake) > pr_k:
             out[f"precision_{ex.space}"], out[f"recall_{ex.space}"] = precision_recall(
-                r.features[:n], fake[:n], pr_k, device=device, group=group)
+                r.features[:n_real], fake[:n_fake], pr_k, device=device, group=group)
         else:
-            logger.warning("precision/recall (%s) skipped: %d samples is not more than k=%d", ex.space, n, pr_k)
+            logger.warning("precision/recall (%s) skipped: %d samples is not more than k=%d", ex.space,
+                           min(n_real, n_fake), pr_k)
     return out
 
 
