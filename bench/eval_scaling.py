@@ -92,6 +92,7 @@ def main() -> None:
     from pipeline.trainer import build_models
 
     cfg = get_preset("demo")
+    cfg.model.num_classes = 10  # the demo's data sets it; here G only needs some classes
     torch.manual_seed(0)
     G = build_models(cfg)[0].eval()
     extractor = build_extractor(args.features, os.cpu_count() or 1)
