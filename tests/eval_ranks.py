@@ -75,3 +75,35 @@ def evaluate_on_two_ranks(rank: int, rendezvous: str, cfg: C.RunConfig, G: torch
     with open(f"{out}.{rank}", "w") as f:
         json.dump(got, f)
     dist.destroy_process_group()
+
+
+def train_on_two_ranks(rank: int, rendezvous: str, cfg: C.RunConfig, store_dir: str, out: str) -> None:
+    """One of two real training workers (DeepSpeed engines over gloo, disjoint data shares) with evaluation on."""
+    import os
+
+    from pipeline.checkpoint import CheckpointStore
+    from pipeline.data import build_loader
+    from pipeline.trainer import Trainer
+
+    torch.set_num_threads(1)
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                       "GLOO_SOCKET_IFNAME": "lo", "DS_ACCELERATOR": "cpu"})
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+
+    def make_loader(epoch: int, offset: int, seed: int):
+        return build_loader(cfg.data.shards, batch_size=cfg.data.batch_size, rank=rank, world_size=2, device="cpu",
+                            backend=cfg.data.backend, seed=seed, resolution=cfg.model.resolution, flip=cfg.data.flip,
+                            start_epoch=epoch, start_offset=offset)
+
+    trainer = Trainer(cfg, make_loader=make_loader, store=CheckpointStore(store_dir),
+                      tracker=Tracker("", "", "", enabled=False), device=torch.device("cpu"), rank=rank, world_size=2)
+    result = trainer.fit()
+    ev = trainer.evaluator
+    got = {"status": result["status"], "failures": ev.failures, "fid": ev.last_fid,
+           "latest": {k: v for k, v in ev.latest.items() if k != "seconds"}}
+    if rank == 0:
+        got["best"] = trainer.store.labels().get("best")
+        got["checkpoint"] = trainer.store.latest().path
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(got, f)
+    dist.destroy_process_group()

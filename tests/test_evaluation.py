@@ -192,3 +192,32 @@ def test_every_rank_evaluates_its_share_and_gets_the_one_process_metrics(tmp_pat
         assert fid is None and last is None and failures == 1
         assert len(warnings) == 1 and "rank 1: RuntimeError: this rank's G is broken" in warnings[0]
     assert ranks[0]["latest"] == ranks[1]["latest"]  # computed on each rank, bit for bit the same
+
+
+@pytest.mark.slow  # two DeepSpeed workers: about 1.5 minutes on 2 busy cores
+def test_a_real_two_worker_run_evaluates_on_both_and_matches_one_process_on_its_checkpoint(tmp_path, shards_copy):
+    """Two training workers (DeepSpeed over gloo): both evaluate every checkpoint and hold the same metrics; one
+    process scoring the last checkpoint's g_ema.pt gets them too."""
+    from pipeline.sample import load_generator
+
+    shards, n = shards_copy
+    cfg = tiny_config(tmp_path, shards, n, **{**FAST_EVAL, "eval.num_samples": 41, "eval.batch_size": 16,
+                                              "cluster.num_workers": 2, "data.batch_size": 4, "train.steps": 4,
+                                              "train.checkpoint_every": 2,
+                                              "eval.every": 2})
+    out = str(tmp_path / "got")
+    mp.spawn(eval_ranks.train_on_two_ranks, args=(str(tmp_path / "pg"), cfg, str(tmp_path / "ckpt"), out),
+             nprocs=2, join=True)
+    ranks = []
+    for rank in (0, 1):
+        with open(f"{out}.{rank}") as f:
+            ranks.append(json.load(f))
+    assert [r["status"] for r in ranks] == ["finished", "finished"] and [r["failures"] for r in ranks] == [0, 0]
+    assert ranks[0]["latest"] == ranks[1]["latest"] and ranks[0]["fid"] == ranks[1]["fid"] == ranks[0]["latest"]["fid"]
+    assert ranks[0]["best"]["metric"] == "fid"
+
+    G, _, _ = load_generator(ranks[0]["checkpoint"])  # step 4: the last evaluation's checkpoint
+    one = eval_ranks.evaluate(eval_ranks.trainer_stub(cfg, 0, 1, G, tmp_path / "work1"))
+    assert one["latest"].keys() == ranks[0]["latest"].keys()
+    for key, value in one["latest"].items():
+        assert ranks[0]["latest"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
