@@ -21,7 +21,7 @@ the Classification Accuracy Score (CAS) next to the real-data classifier's accur
    One torch thread by default: on a shared 2-core machine two threads made the demo step 4x slower.
 
 JSON (--json): {"preset", "overrides", "dataset", "steps", "train_s", "wall_s", "fid", "is_mean", "is_std",
-"precision", "recall", "cas", "real_accuracy", "raw_g": {...} (--raw-g), "eval": {...}, "config": {...}, ...};
+"precision_classifier", "recall_classifier", "cas", "real_accuracy", "raw_g": {...} (--raw-g), "eval": {...}, "config": {...}, ...};
 times (*_s) in seconds. FIDs in one classifier's features are comparable only with the same classifier (the
 "extractor" field names its weights digest).
 """
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         nan = float("nan")
         buf.write(f"  {label}: FID (classifier features, {args.eval_samples} vs {scores['reference_count']} real) "
                   f"{sc['fid']:.3f}; classifier score (IS) {sc.get('is_mean', nan):.3f} +- {sc.get('is_std', nan):.3f}; "
-                  f"precision {sc.get('precision', nan):.3f} recall {sc.get('recall', nan):.3f}\n")
+                  f"precision {sc.get('precision_classifier', nan):.3f} recall {sc.get('recall_classifier', nan):.3f}\n")
         buf.write(f"  {label}: CAS {sc['cas']:.3f} vs real-data classifier {sc['real_accuracy']:.3f} "
                   f"(on {scores['test_images']} held-out images)\n")
     print(buf.getvalue(), end="", flush=True)

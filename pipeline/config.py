@@ -197,6 +197,7 @@ class EvalConfig:
     num_samples: int = bounded(10_000, ge=1)  # generated images per evaluation
     features: str = "inception"  # inception | classifier (a small CNN trained once on the shards)
     inception_weights: str = ""  # path; "" = $BIGGAN_INCEPTION_WEIGHTS
+    vgg16_weights: str = ""  # NVIDIA's TorchScript vgg16.pt: adds eval/precision_vgg16, recall_vgg16; "" = $BIGGAN_VGG16_WEIGHTS or off
     standing_stats_passes: int = bounded(16, ge=0)  # G forwards that set EMA G's batch-norm statistics before sampling; 0 = off
     truncation: float = bounded(0.0, ge=0)  # |z| threshold for evaluation samples; 0 = no truncation
     batch_size: int = bounded(64, ge=1)  # images per G forward and per feature-extractor batch

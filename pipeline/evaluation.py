@@ -5,11 +5,14 @@ and a truncation sweep at the end of training.
     trainer.evaluator.after_checkpoint(step, info)     # in fit(), after each committed checkpoint
     trainer.evaluator.finish()                         # at the end of fit(): truncation sweep
 
-Every `eval.every` G steps (and at the last step) rank 0 evaluates a copy of EMA G with standing statistics:
+Every `eval.every` G steps (and at the last step) every rank evaluates a copy of EMA G with standing statistics:
 `metrics.evaluate_generator` in the features of `eval.features` against reference statistics of the real
-images. Numbers go to MLflow as `eval/fid`, `eval/is_mean`, `eval/is_std`, `eval/precision`, `eval/recall`
-(`eval/seconds`: how long it took). The FID reaches every rank (a broadcast) and waits in `last_fid` for
-the health monitor's next check (`take_fid()`). A new best FID marks the checkpoint best in the store, logs
+images, each rank generating and embedding its share of the samples, the statistics all-reduced, the metrics
+computed from them on every rank (metrics/evaluate.py says what each metric exchanges). Rank 0 logs them to
+MLflow as `eval/fid`, `eval/is_mean`, `eval/is_std`, `eval/precision_<space>`, `eval/recall_<space>` (<space>:
+the features precision/recall ran in, `inception` or `classifier`, plus `vgg16` when `eval.vgg16_weights` names
+NVIDIA's VGG16; `eval/seconds`: how long it took). Every rank keeps its FID in `last_fid` for the health
+monitor's next check (`take_fid()`). A new best FID marks the checkpoint best in the store, logs
 its `g_ema.pt` as the run artifact `checkpoints/step-XXXXXXXX/g_ema.pt` and registers that as a new version
 of the MLflow model `eval.register_model` (tags: fid, config, classes; alias `best`).
 
@@ -17,11 +20,13 @@ The real side (`ReferenceSet`) is computed once per shard set and cached next to
 statistics (`fid_stats_<extractor>_<res>_<count>.npz`) from un-augmented images (no flips, centre crops) and,
 for `eval.features=classifier`, the dataset classifier (`eval_classifier_<res>px_<count>_<epochs>ep.pt`).
 Shards behind a URL (s3://...) or in a read-only folder get the cache under `<output_dir>/eval_cache`
-instead, which is logged.
+instead, which is logged. Rank 0 builds the real side (at the first evaluation: it alone reads the shards and
+trains the classifier; the others wait that once) and sends it to the other ranks; the Inception and VGG16
+files are loaded on each rank, so they must exist on every node.
 
-Evaluation never stops training: any exception becomes a warning with its reason (and the FID of that
-evaluation is unknown); the global RNG state is restored afterwards, so evaluating does not change what
-training does next.
+Evaluation never stops training: any exception on any rank becomes a warning with its reason on every rank
+(and the FID of that evaluation is unknown everywhere); the global RNG state is restored afterwards, so
+evaluating does not change what training does next.
 """
 
 from __future__ import annotations
@@ -39,7 +44,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -47,7 +51,7 @@ from pipeline import metrics
 from pipeline.checkpoint import CheckpointInfo, rng_state, set_rng_state
 from pipeline.config import EvalConfig, parse_thresholds
 from pipeline.data import build_loader, read_manifest
-from pipeline.metrics.classifier import MAX_INPUT_SIZE
+from pipeline.metrics.classifier import MAX_INPUT_SIZE, classifier_from_payload, classifier_payload
 
 if TYPE_CHECKING:
     from pipeline.trainer import Trainer
@@ -121,7 +125,9 @@ class ReferenceSet:
         self._extractor: metrics.FeatureExtractor | None = None
         self._classifier: metrics.SmallClassifier | None = None
         self._reference: metrics.ReferenceStats | None = None
+        self._vgg: tuple[metrics.FeatureExtractor, metrics.ReferenceStats] | None = None
         self._images: tuple[Tensor, Tensor] | None = None  # kept only between training the classifier and the stats
+        self._shared = False  # prepare() done: every rank of the group holds the real side
 
     @property
     def cache_dir(self) -> Path:
@@ -162,22 +168,89 @@ class ReferenceSet:
                 )
         return self._extractor
 
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self._images is not None:  # just read for the classifier: no second pass over the shards
+            x, y = self._images
+            bs = self.ecfg.batch_size
+            return ((x[i:i + bs], y[i:i + bs]) for i in range(0, x.shape[0], bs))
+        return real_batches(self.shards, count=self.count, batch_size=self.ecfg.batch_size, resolution=self.resolution)
+
     def reference(self) -> metrics.ReferenceStats:
         if self._reference is None:
             extractor = self.extractor()
             path = metrics.reference_stats_path(self.cache_dir, extractor, self.resolution, self.count)
-            if self._images is not None:  # just read for the classifier: no second pass over the shards
-                x, y = self._images
-                batches = ((x[i:i + self.ecfg.batch_size], y[i:i + self.ecfg.batch_size])
-                           for i in range(0, x.shape[0], self.ecfg.batch_size))
-            else:
-                batches = real_batches(self.shards, count=self.count, batch_size=self.ecfg.batch_size,
-                                       resolution=self.resolution)
-            with contextlib.closing(batches):
+            with contextlib.closing(self._batches()) as batches:
                 self._reference = metrics.reference_stats(batches, extractor, path, max_images=self.count,
                                                           keep_features=self.ecfg.pr_samples, seed=SEED)
             self._images = None
         return self._reference
+
+    def vgg16_extractor(self) -> metrics.FeatureExtractor | None:
+        """NVIDIA's VGG16 when eval.vgg16_weights (or $BIGGAN_VGG16_WEIGHTS) names it, else None."""
+        path = metrics.vgg16_weights_path(self.ecfg.vgg16_weights)
+        if path is None:
+            return None
+        return metrics.VGG16Extractor.from_weights(path, device=self.device, batch_size=self.ecfg.batch_size)
+
+    def vgg16(self) -> tuple[metrics.FeatureExtractor, metrics.ReferenceStats] | None:
+        """(VGG16, real VGG16 features of all `count` reference images) for precision/recall as NVIDIA's pr50k3
+        computes it; None without weights."""
+        if self._vgg is None:
+            vgg = self.vgg16_extractor()
+            if vgg is None:
+                return None
+            path = metrics.reference_stats_path(self.cache_dir, vgg, self.resolution, self.count, prefix="pr_features")
+            with contextlib.closing(self._batches()) as batches:
+                rows = metrics.reference_stats(batches, vgg, path, max_images=self.count,
+                                               keep_features=self.count, seed=SEED, moments=False)
+            self._vgg = (vgg, rows)
+        return self._vgg
+
+    def prepare(self, group: metrics.Collective = metrics.LOCAL) -> None:
+        """Every rank calls this: rank 0 builds (or loads) the real side and sends it to the others."""
+        if self._shared:
+            return
+        payload, error = None, None
+        if group.rank == 0:
+            try:
+                extractor = self.extractor()
+                vgg = self.vgg16()
+                payload = {
+                    "classifier": classifier_payload(self._classifier) if self._classifier is not None else None,
+                    "reference": self.reference(),
+                    "vgg16": vgg[1] if vgg is not None else None,
+                    "extractor": extractor.name,
+                }
+            except Exception as err:  # noqa: BLE001 - the other ranks must hear of it
+                error = err
+        group.raise_if_failed(error)
+        payload = group.broadcast(payload)
+        if group.rank != 0:
+            try:
+                self._adopt(payload)
+            except Exception as err:  # noqa: BLE001
+                error = err
+        group.raise_if_failed(error)
+        self._shared = True
+
+    def _adopt(self, payload: dict) -> None:
+        """Another rank: take rank 0's real side; the Inception / VGG16 networks come from this node's files."""
+        if payload["classifier"] is not None:
+            model = classifier_from_payload(payload["classifier"], self.device, source="rank 0's classifier")
+            self._classifier = model
+        self._reference = payload["reference"]
+        if self.extractor().name != payload["extractor"]:
+            raise ValueError(f"this rank's extractor is {self.extractor().name!r}, rank 0's {payload['extractor']!r}")
+        if payload["vgg16"] is not None:
+            vgg = self.vgg16_extractor()
+            if vgg is None:
+                raise metrics.VGG16WeightsNotFound("rank 0 has VGG16 weights, this rank has none configured "
+                                                   "(eval.vgg16_weights / $BIGGAN_VGG16_WEIGHTS)")
+            self._vgg = (vgg, payload["vgg16"])
+
+    def pr_spaces(self) -> list[tuple[metrics.FeatureExtractor, metrics.ReferenceStats]]:
+        """Feature spaces for precision/recall besides eval.features (VGG16, once prepared)."""
+        return [self._vgg] if self._vgg is not None else []
 
 
 # -- the generator side ---------------------------------------------------------------------------------------
@@ -194,26 +267,25 @@ def evaluation_copy(G: nn.Module, *, passes: int, batch_size: int, truncation: f
 
 
 def score(G: nn.Module, reference: ReferenceSet, *, num_classes: int, truncation: float = 0.0,
-          device: torch.device | str = "cpu", standing_stats: bool = True) -> dict[str, float]:
-    """evaluate_generator on a standing-statistics copy of G: {'fid', 'is_mean', 'is_std', 'precision', 'recall'}."""
+          device: torch.device | str = "cpu", standing_stats: bool = True,
+          group: metrics.Collective = metrics.LOCAL) -> dict[str, float]:
+    """evaluate_generator on a standing-statistics copy of G, on every rank of `group` (each calls it):
+    {'fid', 'is_mean', 'is_std', 'precision_<space>', 'recall_<space>'}, the same numbers on every rank."""
     ecfg = reference.ecfg
-    extractor, ref = reference.extractor(), reference.reference()
-    G_eval = evaluation_copy(G, passes=ecfg.standing_stats_passes if standing_stats else 0,
-                             batch_size=ecfg.batch_size, truncation=truncation, device=device)
+    reference.prepare(group)
+    G_eval, error = None, None
+    try:  # the same copy on every rank: standing statistics from the same seeded draws
+        G_eval = evaluation_copy(G, passes=ecfg.standing_stats_passes if standing_stats else 0,
+                                 batch_size=ecfg.batch_size, truncation=truncation, device=device)
+    except Exception as err:  # noqa: BLE001 - the other ranks must hear of it
+        error = err
+    group.raise_if_failed(error)
     return metrics.evaluate_generator(
         G_eval, num_classes=num_classes, dim_z=G_eval.dim_z, num_samples=ecfg.num_samples,
-        batch_size=ecfg.batch_size, extractor=extractor, ref_stats=ref, truncation=truncation, device=device,
-        seed=SEED, pr_samples=ecfg.pr_samples,
+        batch_size=ecfg.batch_size, extractor=reference.extractor(), ref_stats=reference.reference(),
+        truncation=truncation, device=device, seed=SEED, pr_samples=ecfg.pr_samples,
+        pr_spaces=reference.pr_spaces(), group=group,
     )
-
-
-def broadcast_from_rank0(value: float, device: torch.device, world_size: int) -> float:
-    """Rank 0's value on every rank (NaN travels as NaN)."""
-    if world_size <= 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.broadcast(t, src=0)
-    return float(t.item())
 
 
 @contextlib.contextmanager
@@ -228,13 +300,13 @@ def _preserved_rng() -> Iterator[None]:
 
 # -- in the training loop -------------------------------------------------------------------------------------
 class Evaluator:
-    """Periodic evaluation for one Trainer (every rank has one; rank 0 does the work)."""
+    """Periodic evaluation for one Trainer (every rank has one and does its share; rank 0 logs and registers)."""
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
         self.cfg = trainer.cfg.eval
         self.last_fid: float | None = None  # newest FID not yet handed to the health monitor (take_fid)
-        self.latest: dict[str, float] = {}  # metrics of the newest evaluation on rank 0
+        self.latest: dict[str, float] = {}  # metrics of the newest evaluation (the same on every rank)
         self.failures = 0
         self._reference: ReferenceSet | None = None
         self._pool: ThreadPoolExecutor | None = None  # rank 0: artifact upload waits and model registration
@@ -251,37 +323,42 @@ class Evaluator:
         return fid
 
     def after_checkpoint(self, step: int, info: CheckpointInfo | None) -> float | None:
-        """Evaluate EMA G if this step is due; every rank gets the FID (None when the evaluation failed)."""
+        """Evaluate EMA G if this step is due (every rank calls it); every rank gets the same FID (None when the
+        evaluation failed on any rank)."""
         if not self.due(step):
             return None
         t = self.trainer
-        fid = math.nan
-        if t.rank == 0:
+        result: dict[str, float] | None = None
+        try:
+            with _preserved_rng():
+                result = self._score(step)
+        except Exception as err:  # noqa: BLE001 - evaluation must never stop training
+            self._warn(f"evaluation at step {step} failed", err)
+        if result is not None and t.rank == 0:
             try:
-                with _preserved_rng():
-                    fid = self._evaluate(step, info)
-            except Exception as err:  # noqa: BLE001 - evaluation must never stop training
-                self._warn(f"evaluation at step {step} failed", err)
-        fid = broadcast_from_rank0(fid, t.device, t.world_size)
+                self._record(step, info, result)
+            except Exception as err:  # noqa: BLE001
+                self._warn(f"recording the evaluation at step {step} failed", err)
+        fid = result["fid"] if result is not None else math.nan
         self.last_fid = fid if math.isfinite(fid) else None
         return self.last_fid
 
     def finish(self) -> list[dict[str, float]]:
-        """End of training, rank 0: the truncation sweep (eval.truncation_sweep), then wait for registrations."""
+        """End of training (every rank calls it): the truncation sweep (eval.truncation_sweep) on every rank if
+        every rank finished; then rank 0 waits for registrations."""
         results: list[dict[str, float]] = []
         t = self.trainer
-        if t.rank != 0:
-            return results
         thresholds = parse_thresholds(self.cfg.truncation_sweep)
-        if thresholds and t.status == "finished":
+        if thresholds and self.group.all_true(t.status == "finished"):
             try:
                 with _preserved_rng():
                     results = self._sweep(thresholds)
             except Exception as err:  # noqa: BLE001
                 self._warn("truncation sweep failed", err)
-        elif thresholds:
+        elif thresholds and t.rank == 0:
             log.info("truncation sweep skipped: training ended %s", t.status)
-        self.wait()
+        if t.rank == 0:
+            self.wait()
         return results
 
     def wait(self, timeout: float = REGISTER_WAIT_S) -> None:
@@ -294,7 +371,13 @@ class Evaluator:
                 self._warn("registering the best checkpoint failed", err)
         self._pending = [f for f in self._pending if not f.done()]
 
-    # -- rank 0 ------------------------------------------------------------------------------------------------
+    # -- every rank ----------------------------------------------------------------------------------------------
+    @property
+    def group(self) -> metrics.Collective:
+        """The data-parallel group that shares the evaluation (the trainer's world)."""
+        t = self.trainer
+        return metrics.Collective(t.rank, t.world_size, t.device)
+
     @property
     def reference(self) -> ReferenceSet:
         if self._reference is None:
@@ -311,20 +394,26 @@ class Evaluator:
         log.warning("%s (%s); training goes on", what, reason)
         self.trainer.tracker.log_text(f"{what}\n{type(err).__name__}: {err}\n", f"eval/errors/{self.failures:03d}.txt")
 
-    def _evaluate(self, step: int, info: CheckpointInfo | None) -> float:
+    def _score(self, step: int) -> dict[str, float]:
         t = self.trainer
         t0 = time.perf_counter()
         result = score(t.ema.model, self.reference, num_classes=t.cfg.model.num_classes,
-                       truncation=self.cfg.truncation, device=t.device)
+                       truncation=self.cfg.truncation, device=t.device, group=self.group)
         result["seconds"] = time.perf_counter() - t0
         self.latest = result
+        return result
+
+    # -- rank 0 ------------------------------------------------------------------------------------------------
+    def _record(self, step: int, info: CheckpointInfo | None, result: dict[str, float]) -> None:
+        """Rank 0: log the metrics; a new best FID marks the checkpoint and registers it."""
+        t = self.trainer
         t.tracker.log_metrics({f"eval/{k}": v for k, v in result.items()}, step=step)
         fid = result["fid"]
         shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k != "seconds")
-        print(f"[eval] step {step}: {shown} ({result['seconds']:.0f}s, {self.reference.extractor().name})", flush=True)
+        print(f"[eval] step {step}: {shown} ({result['seconds']:.0f}s on {t.world_size} rank(s), "
+              f"{self.reference.extractor().name})", flush=True)
         if math.isfinite(fid) and info is not None and fid < self._best_so_far():
             self._new_best(step, info, fid)
-        return fid
 
     def _best_so_far(self) -> float:
         """The store's best FID (survives restarts; a rollback forgets bests after its step)."""
@@ -371,15 +460,19 @@ class Evaluator:
         print(f"[eval] registered {name} version {version.version} (fid {fid:.4g}, step {step})", flush=True)
 
     def _sweep(self, thresholds: list[float]) -> list[dict[str, float]]:
+        """Every rank scores each threshold; rank 0 logs the numbers and the plot."""
         t = self.trainer
         results = []
         for threshold in thresholds:
             row = score(t.ema.model, self.reference, num_classes=t.cfg.model.num_classes, truncation=threshold,
-                        device=t.device)
+                        device=t.device, group=self.group)
             results.append({"truncation": float(threshold), **row})
-            label = f"{threshold:g}" if threshold > 0 else "none"
-            t.tracker.log_metrics({f"truncation/{label}/{k}": v for k, v in row.items()}, step=t.step)
-            print(f"[eval] truncation {label}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+            if t.rank == 0:
+                label = f"{threshold:g}" if threshold > 0 else "none"
+                t.tracker.log_metrics({f"truncation/{label}/{k}": v for k, v in row.items()}, step=t.step)
+                print(f"[eval] truncation {label}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+        if t.rank != 0:
+            return results
         folder = t.work_dir / "eval"
         plot = metrics.plot_truncation_sweep(results, folder / "truncation_sweep.png")
         t.tracker.log_artifact(plot, "eval")

@@ -362,7 +362,7 @@ class Trainer:
         if isinstance(getattr(self.G, "linear", None), SpectralNorm):
             local["sigma0_g_first"] = first_layer_sigma0(self.G)
         signals = {**losses_now, **self._reduce(local)}
-        fid = self.evaluator.take_fid()  # already the same on every rank (broadcast by the evaluator)
+        fid = self.evaluator.take_fid()  # the same on every rank (each computes it from all-reduced statistics)
         if fid is not None:
             signals["fid"] = fid
         return signals
@@ -440,7 +440,7 @@ class Trainer:
         if self.status == "running":
             self.status = "finished"
         self.ema.ready()
-        self.evaluator.finish()  # rank 0: truncation sweep (eval.truncation_sweep), pending model registrations
+        self.evaluator.finish()  # every rank: truncation sweep (eval.truncation_sweep); rank 0: pending registrations
         if self.rank == 0:
             healthy = self.store.newest_healthy()
             if self.status == "collapsed" and healthy and not self.store.labels().get("best"):

@@ -3,21 +3,23 @@ and the Model Registry, failures that only warn, cached reference statistics, an
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import shutil
-import types
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline import config as C
 from pipeline import evaluation
 from pipeline.tracking import Tracker
+from tests import eval_ranks
+from tests.test_metrics_vgg16 import write_tiny_vgg16
 from tests.trainer_harness import make_trainer, tiny_config
 
 mlflow = pytest.importorskip("mlflow")
@@ -30,11 +32,21 @@ FAST_EVAL = {
 }
 
 
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """Real labelled images (scikit-learn's digits, 10 classes) as 32 px shards, written in this process
+    (workers=0): a few seconds, and no Ray to start for these tests."""
+    from data_prep.make_shards import make_shards
+
+    out = tmp_path_factory.mktemp("digits-shards-local")
+    manifest = make_shards("digits", str(out), resolution=32, shard_size=300, workers=0, progress=False)
+    return str(out), manifest.num_classes
+
+
 @pytest.fixture()
-def shards_copy(digits_shards, tmp_path):
-    """The session's digits shards in a folder of this test's own, so caches written next to the manifest
-    start empty."""
-    src, n = digits_shards
+def shards_copy(digits, tmp_path):
+    """The digits shards in a folder of this test's own, so caches written next to the manifest start empty."""
+    src, n = digits
     dst = tmp_path / "shards"
     shutil.copytree(src, dst)
     return str(dst), n
@@ -59,7 +71,8 @@ def test_evaluation_in_training_logs_fid_marks_best_and_registers_the_model(tmp_
     assert sorted(m.step for m in history) == [2, 4]
     assert all(math.isfinite(m.value) and m.value >= 0 for m in history)
     logged = client.get_run(run_id).data.metrics
-    for key in ("eval/is_mean", "eval/precision", "eval/recall", "truncation/0.5/fid", "truncation/none/fid"):
+    for key in ("eval/is_mean", "eval/precision_classifier", "eval/recall_classifier", "truncation/0.5/fid",
+                "truncation/none/fid"):
         assert key in logged
 
     # the best evaluation marks its checkpoint, and its g_ema.pt is a registered model version
@@ -84,8 +97,8 @@ def test_evaluation_in_training_logs_fid_marks_best_and_registers_the_model(tmp_
     assert {"eval/truncation_sweep.png", "eval/truncation_sweep.json"} <= artifacts
 
 
-def test_a_failing_evaluation_warns_and_training_goes_on(tmp_path, digits_shards, caplog):
-    shards, n = digits_shards
+def test_a_failing_evaluation_warns_and_training_goes_on(tmp_path, digits, caplog):
+    shards, n = digits
     missing = tmp_path / "no-such-inception.pt"
     cfg = tiny_config(tmp_path, shards, n, **{
         "train.steps": 4, "train.checkpoint_every": 2, "eval.every": 2, "eval.features": "inception",
@@ -141,35 +154,72 @@ def test_eval_every_must_be_a_multiple_of_checkpoint_every():
         C.validate(cfg)
 
 
-def _evaluate_on_two_ranks(rank: int, rendezvous: str, results: str) -> None:
-    """One of two gloo ranks: rank 0 'evaluates' (a fixed FID, or a failure), every rank reports what it got."""
-    torch.set_num_threads(1)  # a spawned process: conftest's session fixture does not reach it
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
-    got = []
-    for outcome in (12.5, "fail"):
-        trainer = types.SimpleNamespace(
-            rank=rank, world_size=2, device=torch.device("cpu"), cfg=C.RunConfig(),
-            tracker=Tracker("", "", "", enabled=False),
-        )
-        trainer.cfg.eval.every = 2
-        ev = evaluation.Evaluator(trainer)
+def test_every_rank_evaluates_its_share_and_gets_the_one_process_metrics(tmp_path, shards_copy):
+    shards, n = shards_copy
+    # 61 samples in batches of 25: the two ranks' batches (25+6, 25+5) differ from one process's (25+25+11)
+    vgg16 = write_tiny_vgg16(tmp_path / "vgg16.pt")  # NVIDIA's interface; precision/recall in its features too
+    cfg = tiny_config(tmp_path, shards, n, **{**FAST_EVAL, "eval.num_samples": 61, "eval.batch_size": 25,
+                                              "eval.reference_images": 200, "eval.classifier_epochs": 12,
+                                              "eval.every": 2, "train.checkpoint_every": 2,
+                                              "eval.truncation_sweep": "0.5", "eval.vgg16_weights": vgg16})
+    from pipeline.trainer import build_models
 
-        def fake(step, info, outcome=outcome):
-            if outcome == "fail":
-                raise RuntimeError("no evaluation today")
-            return outcome
+    torch.manual_seed(0)
+    real, _ = evaluation.real_images(shards, count=200, batch_size=50, resolution=32)
+    G = eval_ranks.HalfRealG(build_models(cfg)[0], real)  # what both worlds evaluate; the ranks get it pickled
+    one = eval_ranks.evaluate(eval_ranks.trainer_stub(cfg, 0, 1, copy.deepcopy(G), tmp_path / "work"))
+    assert set(one["latest"]) == {"fid", "is_mean", "is_std", "precision_classifier", "recall_classifier",
+                                  "precision_vgg16", "recall_vgg16"}
+    assert one["take"] == [one["fid"], None] and math.isfinite(one["fid"])
+    metrics = one["latest"]
+    assert metrics["is_mean"] > 1.1 and 0 < metrics["precision_classifier"] and 0 < metrics["recall_classifier"]
+    assert 0 < metrics["precision_vgg16"] <= 1 and 0 < metrics["recall_vgg16"] <= 1
+    assert (Path(shards) / "pr_features_vgg16_32_200.npz").is_file()  # real VGG16 rows, cached like FID stats
 
-        ev._evaluate = fake
-        got.append([ev.after_checkpoint(1, None), ev.after_checkpoint(2, None), ev.last_fid])
-    with open(f"{results}.{rank}", "w") as f:
-        json.dump(got, f)
-    dist.destroy_process_group()
-
-
-def test_rank0_fid_reaches_every_rank(tmp_path):
-    results = str(tmp_path / "got")
-    mp.spawn(_evaluate_on_two_ranks, args=(str(tmp_path / "pg"), results), nprocs=2, join=True)
+    out = str(tmp_path / "got")
+    mp.spawn(eval_ranks.evaluate_on_two_ranks, args=(str(tmp_path / "pg"), cfg, G, out), nprocs=2, join=True)
+    ranks = []
     for rank in (0, 1):
-        with open(f"{results}.{rank}") as f:
-            # not due at step 1; at step 2 rank 0's FID everywhere, and None everywhere when rank 0 failed
-            assert json.load(f) == [[None, 12.5, 12.5], [None, None, None]]
+        with open(f"{out}.{rank}") as f:
+            ranks.append(json.load(f))
+    for got in ranks:
+        assert got["latest"].keys() == one["latest"].keys()
+        for key, value in one["latest"].items():
+            assert got["latest"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        assert got["fid"] == pytest.approx(one["fid"], rel=1e-6)
+        assert got["take"] == [got["fid"], None]  # the health monitor's FID on every rank, once
+        assert len(got["sweep"]) == 1 and got["sweep"][0]["fid"] == pytest.approx(one["sweep"][0]["fid"], rel=1e-6)
+        # rank 1's broken G: no FID on either rank, and each says which rank failed and why
+        fid, last, failures, warnings = got["failed"]
+        assert fid is None and last is None and failures == 1
+        assert len(warnings) == 1 and "rank 1: RuntimeError: this rank's G is broken" in warnings[0]
+    assert ranks[0]["latest"] == ranks[1]["latest"]  # computed on each rank, bit for bit the same
+
+
+@pytest.mark.slow  # two DeepSpeed workers: about 1.5 minutes on 2 busy cores
+def test_a_real_two_worker_run_evaluates_on_both_and_matches_one_process_on_its_checkpoint(tmp_path, shards_copy):
+    """Two training workers (DeepSpeed over gloo): both evaluate every checkpoint and hold the same metrics; one
+    process scoring the last checkpoint's g_ema.pt gets them too."""
+    from pipeline.sample import load_generator
+
+    shards, n = shards_copy
+    cfg = tiny_config(tmp_path, shards, n, **{**FAST_EVAL, "eval.num_samples": 41, "eval.batch_size": 16,
+                                              "cluster.num_workers": 2, "data.batch_size": 4, "train.steps": 4,
+                                              "train.checkpoint_every": 2,
+                                              "eval.every": 2})
+    out = str(tmp_path / "got")
+    mp.spawn(eval_ranks.train_on_two_ranks, args=(str(tmp_path / "pg"), cfg, str(tmp_path / "ckpt"), out),
+             nprocs=2, join=True)
+    ranks = []
+    for rank in (0, 1):
+        with open(f"{out}.{rank}") as f:
+            ranks.append(json.load(f))
+    assert [r["status"] for r in ranks] == ["finished", "finished"] and [r["failures"] for r in ranks] == [0, 0]
+    assert ranks[0]["latest"] == ranks[1]["latest"] and ranks[0]["fid"] == ranks[1]["fid"] == ranks[0]["latest"]["fid"]
+    assert ranks[0]["best"]["metric"] == "fid"
+
+    G, _, _ = load_generator(ranks[0]["checkpoint"])  # step 4: the last evaluation's checkpoint
+    one = eval_ranks.evaluate(eval_ranks.trainer_stub(cfg, 0, 1, G, tmp_path / "work1"))
+    assert one["latest"].keys() == ranks[0]["latest"].keys()
+    for key, value in one["latest"].items():
+        assert ranks[0]["latest"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

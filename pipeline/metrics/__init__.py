@@ -9,11 +9,12 @@ For the trainer:
     result = metrics.evaluate_generator(G_ema, num_classes=..., dim_z=..., num_samples=cfg.eval.num_samples,
                                         batch_size=..., extractor=extractor, ref_stats=ref,
                                         truncation=cfg.eval.truncation, device=device, seed=0)
-    # -> {'fid', 'is_mean', 'is_std' (if the extractor has logits), 'precision', 'recall'}
+    # -> {'fid', 'is_mean', 'is_std' (if the extractor has logits), 'precision_inception', 'recall_inception'}
 
 Each metric is one module (frechet, inception_score, precision_recall, cas); extractors.py holds the
-feature-extractor registry (inception.py, classifier.py); reference.py the cached real statistics;
-evaluate.py the generator loop; plots.py and model_registry.py the MLflow side.
+feature-extractor registry (inception.py, classifier.py, vgg16.py); reference.py the cached real statistics;
+evaluate.py the generator loop; collective.py how ranks of a data-parallel group share that work (pass
+group=Collective(rank, world_size, device) on every rank); plots.py and model_registry.py the MLflow side.
 """
 
 from pipeline.metrics.cas import classification_accuracy_score
@@ -26,6 +27,7 @@ from pipeline.metrics.classifier import (
     save_classifier,
     train_classifier,
 )
+from pipeline.metrics.collective import LOCAL, Collective, RankFailed
 from pipeline.metrics.evaluate import evaluate_generator, generate, truncated_normal, truncation_sweep
 from pipeline.metrics.extractors import (
     FeatureExtractor,
@@ -40,7 +42,7 @@ from pipeline.metrics.inception import (
     bundled_torchscript_path,
     locate_inception_weights,
 )
-from pipeline.metrics.inception_score import inception_score
+from pipeline.metrics.inception_score import InceptionScoreStats, inception_score
 from pipeline.metrics.model_registry import register_best
 from pipeline.metrics.plots import plot_truncation_sweep
 from pipeline.metrics.precision_recall import precision_recall
@@ -50,6 +52,7 @@ from pipeline.metrics.reference import (
     reference_stats,
     reference_stats_path,
 )
+from pipeline.metrics.vgg16 import VGG16Extractor, VGG16WeightsNotFound, vgg16_weights_path
 
 __all__ = [
     "evaluate_generator",
@@ -65,6 +68,13 @@ __all__ = [
     "feature_stats",
     "FeatureStats",
     "inception_score",
+    "InceptionScoreStats",
+    "Collective",
+    "LOCAL",
+    "RankFailed",
+    "VGG16Extractor",
+    "VGG16WeightsNotFound",
+    "vgg16_weights_path",
     "precision_recall",
     "classification_accuracy_score",
     "FeatureExtractor",

@@ -158,12 +158,25 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
     return float((pred == torch.as_tensor(labels).long().cpu()).double().mean())
 
 
+def classifier_payload(model: SmallClassifier, **extra: float | int | str) -> dict[str, Any]:
+    """{kind, config, state_dict (CPU), extra}: what save_classifier writes and classifier_from_payload reads."""
+    return {"kind": "small-cnn", "config": dataclasses.asdict(model.config),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "extra": dict(extra)}
+
+
+def classifier_from_payload(payload: Any, device: str | torch.device = "cpu", source: str = "payload") -> SmallClassifier:
+    if not isinstance(payload, dict) or payload.get("kind") != "small-cnn":
+        raise ValueError(f"{source}: not a classifier saved by pipeline.metrics.classifier.save_classifier")
+    model = SmallClassifier(ClassifierConfig(**payload["config"]))
+    model.load_state_dict(payload["state_dict"])
+    return model.to(device).eval()
+
+
 def save_classifier(model: SmallClassifier, path: str | os.PathLike, **extra: float | int | str) -> Path:
     """Write {config, state_dict, extra} atomically; loadable with torch.load(weights_only=True)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"kind": "small-cnn", "config": dataclasses.asdict(model.config),
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "extra": dict(extra)}
+    payload = classifier_payload(model, **extra)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
@@ -177,11 +190,7 @@ def save_classifier(model: SmallClassifier, path: str | os.PathLike, **extra: fl
 
 def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> SmallClassifier:
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("kind") != "small-cnn":
-        raise ValueError(f"{path}: not a classifier saved by pipeline.metrics.classifier.save_classifier")
-    model = SmallClassifier(ClassifierConfig(**payload["config"]))
-    model.load_state_dict(payload["state_dict"])
-    return model.to(device).eval()
+    return classifier_from_payload(payload, device, source=str(path))
 
 
 def load_or_train_classifier(

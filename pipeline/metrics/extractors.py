@@ -9,6 +9,8 @@ Built in:
   inception   the 2015-12-05 TF Inception-v3 (pool3 features, 1008-way logits where the weights have them);
               kwargs: weights (path; "" = $BIGGAN_INCEPTION_WEIGHTS), device, batch_size
   classifier  a small CNN trained on the dataset itself (pipeline/metrics/classifier.py); kwargs: path, device
+  vgg16       NVIDIA's TorchScript VGG16 (pipeline/metrics/vgg16.py), features only, for precision/recall as
+              StyleGAN's pr50k3 computes it; kwargs: weights (path; "" = $BIGGAN_VGG16_WEIGHTS), device, batch_size
 
 Add one with `register_extractor("name", factory)` where factory(**kwargs) returns a FeatureExtractor.
 """
@@ -29,6 +31,11 @@ class FeatureExtractor(abc.ABC):
     name: str = "extractor"
     feature_dim: int = 0
     has_logits: bool = False
+
+    @property
+    def space(self) -> str:
+        """The feature space in metric names (precision_<space>): the name without a weights digest."""
+        return self.name.split("-", 1)[0]
 
     @abc.abstractmethod
     def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -85,8 +92,15 @@ def _classifier_factory(**kwargs: Any) -> FeatureExtractor:
     return ClassifierExtractor.from_file(**kwargs)
 
 
+def _vgg16_factory(**kwargs: Any) -> FeatureExtractor:
+    from pipeline.metrics.vgg16 import VGG16Extractor
+
+    return VGG16Extractor.from_weights(**kwargs)
+
+
 register_extractor("inception", _inception_factory)
 register_extractor("classifier", _classifier_factory)
+register_extractor("vgg16", _vgg16_factory)
 
 
 @torch.no_grad()

@@ -11,7 +11,12 @@ agree to about 1e-6 relative (tests/test_metrics.py checks it against both refer
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.metrics.collective import Collective
 
 
 class FeatureStats:
@@ -56,6 +61,33 @@ class FeatureStats:
         m = self._sum / self.count
         cov = (self._outer - self.count * np.outer(m, m)) / (self.count - 1)
         return (cov + cov.T) / 2
+
+    def all_reduce(self, group: Collective) -> FeatureStats:
+        """The statistics of every rank's rows together, the same on every rank (one process: self).
+
+        Each rank's sums are moved to a shared centre, the count-weighted mean of the ranks' centres, then
+        added: the result equals streaming all rows through one FeatureStats, up to float64 round-off.
+        """
+        if not group.distributed:
+            return self
+        dim = int(group.max(self._shift.shape[0] if self.count else 0))
+        out = FeatureStats()
+        if dim == 0:
+            return out
+        n = self.count
+        if n and self._shift.shape[0] != dim:
+            raise ValueError(f"feature size {self._shift.shape[0]} on this rank, {dim} on another")
+        shift = self._shift if n else np.zeros(dim)
+        total = group.sum(np.concatenate([[n], n * shift]))
+        centre = total[1:] / total[0]
+        d = shift - centre
+        s = self._sum if n else np.zeros(dim)
+        outer = self._outer if n else np.zeros((dim, dim))
+        moved = np.concatenate([s + n * d, (outer + np.outer(s, d) + np.outer(d, s) + n * np.outer(d, d)).ravel()])
+        summed = group.sum(moved)
+        out.count, out._shift = int(round(total[0])), centre
+        out._sum, out._outer = summed[:dim], summed[dim:].reshape(dim, dim)
+        return out
 
     def _need(self, n: int) -> None:
         if self.count < n:

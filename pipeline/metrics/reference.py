@@ -4,6 +4,8 @@ The cache is one .npz next to the data manifest, `fid_stats_<extractor>_<resolut
 mu and sigma (float64) of the features, a uniform random subset of the feature rows (float32, at most
 `keep_features` of them) for precision/recall, and a few metadata fields. It is written atomically (a
 temporary file renamed into place; on object stores a single put), and reused whenever it exists.
+A feature space used only for precision/recall (VGG16) keeps the rows without the moments (`moments=False`,
+empty mu and sigma) in `pr_features_<extractor>_<resolution>_<count>.npz`.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ DEFAULT_KEEP_FEATURES = 10_000
 
 @dataclass
 class ReferenceStats:
-    mu: np.ndarray  # (D,) float64
-    sigma: np.ndarray  # (D, D) float64
+    mu: np.ndarray  # (D,) float64; (0,) when computed without moments
+    sigma: np.ndarray  # (D, D) float64; (0, 0) when computed without moments
     count: int  # real images the statistics were computed from
     extractor: str  # FeatureExtractor.name
     resolution: int
@@ -62,10 +64,11 @@ class ReferenceStats:
         _write_atomic(path, self.to_npz_bytes())
 
 
-def reference_stats_path(data_dir: str | os.PathLike, extractor: FeatureExtractor | str, resolution: int, count: int) -> str:
-    """Where the cache for these statistics lives: <data_dir>/fid_stats_<extractor>_<res>_<count>.npz."""
+def reference_stats_path(data_dir: str | os.PathLike, extractor: FeatureExtractor | str, resolution: int, count: int,
+                         prefix: str = "fid_stats") -> str:
+    """Where the cache for these statistics lives: <data_dir>/<prefix>_<extractor>_<res>_<count>.npz."""
     name = extractor if isinstance(extractor, str) else extractor.name
-    return f"{str(data_dir).rstrip('/')}/fid_stats_{name}_{int(resolution)}_{int(count)}.npz"
+    return f"{str(data_dir).rstrip('/')}/{prefix}_{name}_{int(resolution)}_{int(count)}.npz"
 
 
 def _is_url(path: str | os.PathLike) -> bool:
@@ -156,24 +159,29 @@ def compute_reference_stats(
     max_images: int | None = None,
     keep_features: int = DEFAULT_KEEP_FEATURES,
     seed: int = 0,
+    moments: bool = True,  # False: only the kept rows (a feature space for precision/recall only)
 ) -> ReferenceStats:
     """Feature statistics of real images; batches are (N, C, R, R) tensors in [-1, 1] or (images, labels)."""
     stats, keep = FeatureStats(), _Reservoir(keep_features, seed)
-    resolution = 0
+    resolution, count = 0, 0
     for batch in image_batches:
         images = _images_of(batch)
         if max_images is not None:
-            images = images[: max_images - stats.count]
+            images = images[: max_images - count]
         if images.shape[0] == 0:
             break
         resolution = int(images.shape[-1])
         feats = extractor.features(images).numpy()
-        stats.update(feats)
+        if moments:
+            stats.update(feats)
         keep.add(feats)
-        if max_images is not None and stats.count >= max_images:
+        count += images.shape[0]
+        if max_images is not None and count >= max_images:
             break
-    if stats.count < 2:
-        raise ValueError(f"reference statistics need at least 2 images, got {stats.count}")
+    if count < 2:
+        raise ValueError(f"reference statistics need at least 2 images, got {count}")
+    if not moments:
+        return ReferenceStats(np.zeros(0), np.zeros((0, 0)), count, extractor.name, resolution, keep.result())
     return ReferenceStats(stats.mean, stats.cov, stats.count, extractor.name, resolution, keep.result())
 
 
@@ -185,6 +193,7 @@ def reference_stats(
     max_images: int | None = None,  # stop after this many images (None = the whole iterable; set it for endless loaders)
     keep_features: int = DEFAULT_KEEP_FEATURES,  # feature rows kept for precision/recall
     seed: int = 0,  # for the random subset of kept rows
+    moments: bool = True,  # False: kept rows only, no mu/sigma (see compute_reference_stats)
 ) -> ReferenceStats:
     """Load the cached statistics at cache_path, or compute them from image_batches and cache them there.
 
@@ -201,7 +210,8 @@ def reference_stats(
             )
         logger.info("reference statistics: reusing %s (%d images)", cache_path, ref.count)
         return ref
-    ref = compute_reference_stats(image_batches, extractor, max_images=max_images, keep_features=keep_features, seed=seed)
+    ref = compute_reference_stats(image_batches, extractor, max_images=max_images, keep_features=keep_features,
+                                  seed=seed, moments=moments)
     ref.save(cache_path)
     logger.info("reference statistics: wrote %s (%d images, %s)", cache_path, ref.count, extractor.name)
     return ref
