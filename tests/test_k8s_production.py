@@ -452,7 +452,7 @@ def test_every_root_filesystem_is_read_only_with_writable_volumes_where_each_con
     containers = all_containers(kustomization)
     if not containers:
         pytest.skip(f"{kustomization} has no pods")
-    for where, spec, c in containers:
+    for where, _, c in containers:
         assert c.get("securityContext", {}).get("readOnlyRootFilesystem") is True, f"{where}: root filesystem writable"
         writable = {m["mountPath"] for m in c.get("volumeMounts", []) if not m.get("readOnly")}
         needed = WRITABLE[c["name"]]
