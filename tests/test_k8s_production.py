@@ -589,7 +589,7 @@ def test_the_runbook_covers_the_operations():
     for word in ("deploy", "submit", "watch", "preempt", "resume", "rotate", "tear down"):
         assert any(word in h for h in headings), f"docs/kubernetes.md has no section on '{word}'"
     # every kubectl -k path it names exists
-    for path in re.findall(r"kubectl (?:apply|delete) -k (\S+)", text):
+    for path in re.findall(r"kubectl (?:apply|delete) -k ([^\s`]+)", text):
         assert (ROOT / path / "kustomization.yaml").exists(), f"docs/kubernetes.md names {path}, which does not exist"
     for line in re.findall(r"^\s*(?:RAY_AUTH_MODE=token .*)?ray job submit (.*)$", text, re.M):
         assert "--address" in line, line
