@@ -451,4 +451,8 @@ def test_mlflow_image_runs_the_tested_mlflow_version():
     (base,) = _from_lines(dockerfile)
     assert ":" in base and "latest" not in base
     assert f"mlflow=={mlflow.__version__}" in dockerfile.read_text(), "the image must run the version the tests run"
+    # basic-auth (--app-name basic-auth) needs Flask-WTF: the version the tests run the server with
+    from importlib.metadata import version
+
+    assert f'"flask-wtf=={version("flask-wtf")}"' in dockerfile.read_text()
     assert re.search(r"^USER 1000(:\d+)?$", dockerfile.read_text(), re.M)
