@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from pathlib import Path
 
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -34,6 +35,7 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 512, dashboard:
         return True
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    _private_auth_token()
     import ray  # noqa: PLC0415
     from ray._private import ray_constants  # noqa: PLC0415
 
@@ -50,6 +52,17 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 512, dashboard:
         ray.shutdown()
         raise RuntimeError(f"embedded Ray is not on loopback (node addresses {sorted(ips)})")
     return True
+
+
+def _private_auth_token() -> None:
+    """Token auth for the embedded cluster (Ray 2.60 turns it on for a new local cluster) with a token of this
+    process's own, in the environment that every Ray process it starts inherits. Left to itself Ray would
+    write one to ~/.ray/auth_token: shared by every run of the user, and impossible on a read-only home. An
+    explicit RAY_AUTH_MODE=disabled, or a token already configured, is respected."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 def _runtime_env() -> dict | None:

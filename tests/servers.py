@@ -1,9 +1,13 @@
 """Real servers on 127.0.0.1 for tests: PostgreSQL, an S3 endpoint (moto) and the MLflow tracking server
-configured exactly as k8s/base/mlflow.yaml deploys it.
+configured exactly as k8s/base/mlflow.yaml deploys it, basic auth included.
 
 The MLflow server's command line is read from the rendered Deployment; only what must differ on a test
 machine is swapped (database host and port, listen address and port, one worker), so a manifest change is a
-test change. Every process listens on 127.0.0.1 on a port picked at start, and is stopped at teardown even
+test change. Its ConfigMap volumes (basic-auth's settings) are written to a local directory with only the
+database address swapped, and PostgreSQL's init scripts (the auth user store's database) are run against
+the local PostgreSQL, as the image's entrypoint runs them on first start. The admin account comes from test
+values of the Secret biggan-mlflow-admin; the fixture then creates the trainer's account through the admin,
+as docs/kubernetes.md does. Every process listens on 127.0.0.1 on a port picked at start, and is stopped at teardown even
 when the test fails. Without PostgreSQL, psycopg2 or moto the fixtures skip with the reason.
 
 tests/conftest.py imports the fixtures, so every module shares one of each per session:
@@ -18,6 +22,7 @@ import contextlib
 import http.client
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -44,6 +49,9 @@ MLFLOW_DEPLOYMENT = "biggan-mlflow"
 TEST_PG_USER = "mlflow"
 TEST_PG_PASSWORD = "test-only-password"
 TEST_S3_REGION = "us-east-1"
+TEST_MLFLOW_ADMIN = ("admin", "test-only-admin-password")
+TEST_MLFLOW_TRAINER = ("biggan-trainer", "test-only-trainer-password")
+TEST_FLASK_SECRET_KEY = "test-only-csrf-key"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -57,11 +65,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_status(port: int, path: str, host_header: str | None = None, timeout: float = 5.0) -> int:
-    """GET http://127.0.0.1:port/path and return the status (no proxies, optional Host header)."""
+def http_status(port: int, path: str, host_header: str | None = None, timeout: float = 5.0,
+                headers: dict[str, str] | None = None) -> int:
+    """GET http://127.0.0.1:port/path and return the status (no proxies, optional Host and other headers)."""
     conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
     try:
-        headers = {"Host": host_header} if host_header else {}
+        headers = {**(headers or {}), **({"Host": host_header} if host_header else {})}
         conn.request("GET", path, headers=headers)
         return conn.getresponse().status
     finally:
@@ -325,6 +334,78 @@ def local_backend_uri(manifest_uri: str, pg: Postgres) -> str:
     return urlunsplit((parts.scheme, f"{userinfo}{pg.host}:{pg.port}", parts.path, parts.query, ""))
 
 
+def rendered_base() -> list[dict[str, Any]]:
+    """k8s/base rendered (kubectl), or its YAML files read as they are when kubectl is missing."""
+    if shutil.which("kubectl"):
+        return render_kustomization(K8S / "base")
+    return [d for f in sorted((K8S / "base").glob("*.yaml")) if f.name != "kustomization.yaml"
+            for d in yaml.safe_load_all(f.read_text()) if d]
+
+
+def _object(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    for obj in objects:
+        if obj.get("kind") == kind and obj["metadata"]["name"] == name:
+            return obj
+    raise AssertionError(f"no {kind} {name!r} in the rendered manifests")
+
+
+def localize_db_uri(uri: str, pg: Postgres) -> str:
+    """A PostgreSQL URI of the manifests pointed at the local server (same driver, database and query)."""
+    parts = urlsplit(uri)
+    assert parts.scheme.startswith("postgresql"), f"not a PostgreSQL URI: {uri}"
+    userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return urlunsplit((parts.scheme, f"{userinfo}{pg.host}:{pg.port}", parts.path, parts.query, ""))
+
+
+def run_postgres_init_scripts(objects: list[dict[str, Any]], pg: Postgres) -> list[str]:
+    """Run the .sql files the PostgreSQL StatefulSet mounts at /docker-entrypoint-initdb.d (the image runs them
+    on an empty data directory); returns the script names. A database that exists already is left alone."""
+    import psycopg2
+    from psycopg2 import errors
+
+    pod = _object(objects, "StatefulSet", "biggan-postgres")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    ran = []
+    for mount in container.get("volumeMounts", []):
+        if mount["mountPath"] != "/docker-entrypoint-initdb.d":
+            continue
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        data = _object(objects, "ConfigMap", volume["configMap"]["name"])["data"]
+        conn = psycopg2.connect(host=pg.host, port=pg.port, user=pg.user, password=pg.password, dbname=pg.dbname)
+        try:
+            conn.autocommit = True  # CREATE DATABASE cannot run in a transaction, as with psql
+            with conn.cursor() as cur:
+                for name in sorted(data):
+                    assert name.endswith(".sql"), f"only .sql init scripts are supported here: {name}"
+                    for statement in (st.strip() for st in data[name].split(";")):
+                        if statement:
+                            with contextlib.suppress(errors.DuplicateDatabase):
+                                cur.execute(statement)
+                    ran.append(name)
+        finally:
+            conn.close()
+    return ran
+
+
+def materialize_config_volumes(objects: list[dict[str, Any]], pod: dict[str, Any], container: dict[str, Any],
+                               root: Path, pg: Postgres) -> dict[str, str]:
+    """Write the container's ConfigMap volumes under `root` (PostgreSQL URIs pointed at `pg`); returns
+    {mount path: local directory}."""
+    mounts = {}
+    for mount in container.get("volumeMounts", []):
+        (volume,) = [v for v in pod.get("volumes", []) if v["name"] == mount["name"]]
+        if "configMap" not in volume:
+            continue
+        local = root / mount["name"]
+        local.mkdir(parents=True, exist_ok=True)
+        for name, text in _object(objects, "ConfigMap", volume["configMap"]["name"])["data"].items():
+            lines = [re.sub(r"(=\s*)(postgresql\S*)", lambda m: m.group(1) + localize_db_uri(m.group(2), pg), line)
+                     for line in text.splitlines()]
+            (local / name).write_text("\n".join(lines) + "\n")
+        mounts[mount["mountPath"].rstrip("/")] = str(local)
+    return mounts
+
+
 def container_env(container: dict[str, Any], secrets: dict[str, dict[str, str]]) -> dict[str, str]:
     """The container's environment as Kubernetes would build it, with Secret values taken from `secrets`."""
     env: dict[str, str] = {}
@@ -359,17 +440,48 @@ class MlflowPgS3Server:
     artifacts_prefix: str  # the key prefix of --artifacts-destination inside the bucket
     command: list[str]  # the exact command line that was started
     log: Path
+    auth_dsn: str  # psycopg2.connect(auth_dsn) reaches basic-auth's user store
+    admin: tuple[str, str]  # the admin account of the Secret biggan-mlflow-admin (test values)
+    trainer: tuple[str, str]  # the trainer's account, created through the admin as the runbook does
     s3: S3Endpoint = field(repr=False)
 
     def s3_client(self) -> Any:
         return self.s3.client()
 
+    def request(self, method: str, path: str, auth: tuple[str, str] | None = None, body: dict | None = None,
+                ) -> tuple[int, dict]:
+        """One HTTP request to the server (optionally with basic auth); (status, JSON body or {})."""
+        import base64
+        import json
+
+        headers = {"Content-Type": "application/json"}
+        if auth:
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        conn = http.client.HTTPConnection(LOOPBACK, self.port, timeout=30)
+        try:
+            conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        finally:
+            conn.close()
+        try:
+            return resp.status, json.loads(raw) if raw else {}
+        except ValueError:
+            return resp.status, {}
+
+    def client_env(self, account: tuple[str, str]) -> dict[str, str]:
+        """What a client process sets to use `account` (the Ray pods get these from biggan-mlflow-training)."""
+        return {"MLFLOW_TRACKING_USERNAME": account[0], "MLFLOW_TRACKING_PASSWORD": account[1]}
+
 
 @contextlib.contextmanager
 def run_mlflow_server(pg: Postgres, s3: S3Endpoint, workdir: Path,
                       container: dict[str, Any] | None = None) -> Iterator[MlflowPgS3Server]:
-    """Start `mlflow server` with the manifest's command line and environment, on 127.0.0.1."""
-    container = mlflow_container() if container is None else container
+    """Start `mlflow server` with the manifest's command line, environment and config volumes, on 127.0.0.1;
+    create the trainer's account through the admin."""
+    objects = rendered_base()
+    pod = _object(objects, "Deployment", MLFLOW_DEPLOYMENT)["spec"]["template"]["spec"]
+    container = mlflow_container(objects) if container is None else container
     command = [*container.get("command", []), *container.get("args", [])]
     assert command[:2] == ["mlflow", "server"], f"the MLflow container does not run `mlflow server`: {command}"
     args = command[2:]
@@ -383,12 +495,32 @@ def run_mlflow_server(pg: Postgres, s3: S3Endpoint, workdir: Path,
 
     port = free_port()
     local_args = localize_server_args(args, backend_store_uri=local_backend_uri(manifest_backend, pg), port=port)
+    s3_keys = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+               "AWS_DEFAULT_REGION": s3.region, "AWS_ENDPOINT_URL": s3.endpoint}
     secrets = {
         "biggan-postgres": {"POSTGRES_USER": pg.user, "POSTGRES_PASSWORD": pg.password},
-        "biggan-s3": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-                      "AWS_DEFAULT_REGION": s3.region, "AWS_ENDPOINT_URL": s3.endpoint},
+        "biggan-s3-mlflow": s3_keys,
+        "biggan-mlflow-admin": {"MLFLOW_AUTH_ADMIN_USERNAME": TEST_MLFLOW_ADMIN[0],
+                                "MLFLOW_AUTH_ADMIN_PASSWORD": TEST_MLFLOW_ADMIN[1],
+                                "MLFLOW_FLASK_SERVER_SECRET_KEY": TEST_FLASK_SECRET_KEY},
     }
-    env = _loopback_env(**{**container_env(container, secrets), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    run_postgres_init_scripts(objects, pg)
+    mounts = materialize_config_volumes(objects, pod, container, workdir / "volumes", pg)
+    env = container_env(container, secrets)
+    for name, value in env.items():  # paths inside a ConfigMap volume -> the local copy
+        for mount_path, local in mounts.items():
+            if value.startswith(mount_path + "/"):
+                env[name] = local + value[len(mount_path):]
+    env.pop("HOME", None)  # the pod's HOME volume; here the test user's own
+    env = _loopback_env(**{**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    auth_ini = env.get("MLFLOW_AUTH_CONFIG_PATH")
+    auth_db = None
+    if auth_ini:
+        import configparser
+
+        ini = configparser.ConfigParser()
+        ini.read(auth_ini)
+        auth_db = urlsplit(ini["mlflow"]["database_uri"]).path.strip("/")
     cmd = [sys.executable, "-m", "mlflow", "server", *local_args]
     log = workdir / "mlflow-server.log"
     with open(log, "ab") as out:
@@ -396,10 +528,22 @@ def run_mlflow_server(pg: Postgres, s3: S3Endpoint, workdir: Path,
                                 start_new_session=True)
     try:
         wait_until(lambda: http_status(port, "/health") == 200, "mlflow server", 120, proc, log)
-        yield MlflowPgS3Server(uri=f"http://{LOOPBACK}:{port}", port=port, pg_dsn=pg.dsn, s3_endpoint=s3.endpoint,
-                               bucket=bucket, artifacts_prefix=prefix, command=cmd, log=log, s3=s3)
+        auth_dsn = pg.dsn.replace(f"dbname={pg.dbname}", f"dbname={auth_db}") if auth_db else ""
+        server = MlflowPgS3Server(uri=f"http://{LOOPBACK}:{port}", port=port, pg_dsn=pg.dsn, s3_endpoint=s3.endpoint,
+                                  bucket=bucket, artifacts_prefix=prefix, command=cmd, log=log, auth_dsn=auth_dsn,
+                                  admin=TEST_MLFLOW_ADMIN, trainer=TEST_MLFLOW_TRAINER, s3=s3)
+        # docs/kubernetes.md, "2. Create the Secrets": the admin creates the trainer's account.
+        status, body = server.request("POST", "/api/2.0/mlflow/users/create", auth=server.admin,
+                                      body={"username": server.trainer[0], "password": server.trainer[1]})
+        if status != 200 and "already exists" not in json_message(body):
+            raise RuntimeError(f"creating the trainer's MLflow user failed: {status} {body}{_tail(log)}")
+        yield server
     finally:
         _stop_group(proc)
+
+
+def json_message(body: dict) -> str:
+    return str(body.get("message", ""))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """The product's main job for real: `ray job submit` of a launch script to a local two-node Ray cluster on
-127.0.0.1, DeepSpeed on gloo, tracked by an MLflow server on 127.0.0.1."""
+127.0.0.1, DeepSpeed on gloo, tracked by an MLflow server on 127.0.0.1. The cluster runs with token
+authentication, as the Kubernetes deployment does: the token is this module's own (RAY_AUTH_TOKEN in the
+environment of the nodes and of the client), never a file in the shared home directory."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -22,11 +25,18 @@ TINY = ["--set", "model.g_ch=4", "--set", "model.d_ch=4", "--set", "model.dim_z=
         "--set", "train.log_every=2", "--set", "train.sample_every=4", "--set", "train.checkpoint_every=2"]
 
 
-def _env() -> dict:
-    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo",
-            # the job's `python` is whatever PATH the cluster was started with: this venv's
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+TOKEN = secrets.token_hex(32)
+
+
+def _env(**auth: str) -> dict:
+    """The nodes' and the client's environment: token auth on with this module's token, unless `auth` says
+    otherwise."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo",
+           # the job's `python` is whatever PATH the cluster was started with: this venv's
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, **auth}
+    return {k: v for k, v in env.items() if v is not None}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +76,28 @@ def submit(cluster, args: list[str], env_vars: dict, timeout: int = 420) -> subp
 
 def _head() -> str:
     return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+
+def test_the_cluster_refuses_clients_without_its_token(ray_cluster, tmp_path):
+    """What the Kubernetes deployment relies on: without the token, or with another one, the dashboard (job
+    submission) and the GCS turn the client away."""
+    home = {"HOME": str(tmp_path)}  # no ~/.ray/auth_token to fall back on
+    listing = [RAY, "job", "list", "--address", ray_cluster["dashboard"]]
+    ok = subprocess.run(listing, env=_env(), capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    for auth in ({"RAY_AUTH_TOKEN": None, **home}, {"RAY_AUTH_TOKEN": secrets.token_hex(32), **home},
+                 {"RAY_AUTH_MODE": None, "RAY_AUTH_TOKEN": None, **home}):
+        refused = subprocess.run(listing, env=_env(**auth), capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0, f"`ray job list` with {auth} was let in:\n{refused.stdout}"
+        out = (refused.stdout + refused.stderr).lower()
+        assert "token" in out or "401" in out or "unauthenticated" in out or "authentication" in out, out[-2000:]
+    code = f"import ray; ray.init(address='{ray_cluster['gcs']}', logging_level='ERROR'); print('joined')"
+    try:
+        joined = subprocess.run([sys.executable, "-c", code], env=_env(RAY_AUTH_TOKEN=secrets.token_hex(32), **home),
+                                capture_output=True, text=True, timeout=90).stdout
+    except subprocess.TimeoutExpired as err:  # still knocking: refused all the same
+        joined = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+    assert "joined" not in joined, "a driver with the wrong token joined the cluster"
 
 
 def _run(client: MlflowClient, name: str):

@@ -19,7 +19,8 @@ import yaml
 from tests.servers import K8S, ROOT, flag_value, mlflow_container, render_kustomization
 
 KUBERNETES_VERSION = "1.32.0"  # one of the schema sets kubernetes-validate ships; matches kubectl 1.32
-OVERLAYS = ["dev", "gpu"]
+OVERLAYS = ["dev", "gpu", "gpu-spot"]
+DIGEST_OVERLAYS = ["overlays/gpu", "overlays/gpu/job", "overlays/gpu-spot", "overlays/gpu-spot/job"]
 # Every directory with a kustomization.yaml that can be built on its own (components cannot).
 KUSTOMIZATIONS = sorted(
     str(p.parent.relative_to(K8S)) for p in K8S.rglob("kustomization.yaml")
@@ -399,7 +400,9 @@ def test_mlflow_server_is_the_same_in_every_overlay_and_private():
     base = mlflow_container()
     for overlay in OVERLAYS:
         objs = list(rendered(f"overlays/{overlay}"))
-        assert mlflow_container(objs) == base, f"overlay {overlay} changes the MLflow container"
+        # the image differs (by digest in the gpu overlays); the server's command line and environment do not
+        assert ({**mlflow_container(objs), "image": None} == {**base, "image": None}), (
+            f"overlay {overlay} changes the MLflow container")
     args = base["args"]
     assert flag_value(args, "--backend-store-uri").startswith("postgresql+psycopg2://biggan-postgres:5432/")
     assert flag_value(args, "--artifacts-destination").startswith("s3://")
@@ -433,10 +436,11 @@ def test_training_image_pins_its_cuda_base_and_builds_deepspeed_ops():
     assert "devel" in base, "DeepSpeed's ops are compiled at build time: the base needs nvcc"
     assert "download.pytorch.org/whl/cu130" in text, "torch must be the CUDA 13.0 build DALI's cuda130 wheel expects"
     assert "DS_BUILD_FUSED_ADAM=1" in text and "--no-build-isolation" in text and "installed_ops" in text
-    # DALI and the rest come from pyproject.toml's dependencies, which the Dockerfile installs.
-    assert "COPY pyproject.toml" in text
+    # DALI and the rest come from the lock of pyproject.toml's dependencies, which the Dockerfile installs.
+    assert "COPY k8s/requirements.lock" in text
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert any(d.startswith("nvidia-dali-cuda130") for d in deps)
+    assert "nvidia-dali-cuda130==" in (K8S / "requirements.lock").read_text()
     assert re.search(r"^USER 1000(:\d+)?$", text, re.M), "the image runs as uid 1000, as the manifests do"
 
 
@@ -447,4 +451,8 @@ def test_mlflow_image_runs_the_tested_mlflow_version():
     (base,) = _from_lines(dockerfile)
     assert ":" in base and "latest" not in base
     assert f"mlflow=={mlflow.__version__}" in dockerfile.read_text(), "the image must run the version the tests run"
+    # basic-auth (--app-name basic-auth) needs Flask-WTF: the version the tests run the server with
+    from importlib.metadata import version
+
+    assert f'"flask-wtf=={version("flask-wtf")}"' in dockerfile.read_text()
     assert re.search(r"^USER 1000(:\d+)?$", dockerfile.read_text(), re.M)
