@@ -61,6 +61,7 @@ class ShardInfo:
     sha256: str  # of the whole tar file
     bytes: int
     index: str | None = None  # DALI index file name, None if the set has none
+    url: str | None = None  # where the tar is when it is not next to the manifest (index_shards: in place)
 
 
 @dataclass
@@ -77,6 +78,9 @@ class Manifest:
     source: str = ""
     class_counts: list[int] = field(default_factory=list)
     index_tool: str = ""  # "wds2idx" or "builtin" (the same format written by this package)
+    image_keys: list[str] = field(default_factory=lambda: ["jpg"])  # a sample's image: the first of these present
+    label_key: str = "cls"  # "cls" (ASCII class index) or "json"
+    label_field: str = ""  # label_key "json": the field holding the class index
     stats: dict | None = field(default=None, repr=False, compare=False)  # of the run that wrote it; not saved
 
     def __post_init__(self) -> None:
@@ -221,9 +225,10 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def index_from_tar(fileobj: io.BufferedIOBase) -> list[IndexEntry]:
-    """Scan a tar (a seekable file object) into index entries, grouping consecutive members by key."""
+    """Scan a tar (read front to back, so a stream will do) into index entries, grouping consecutive members
+    by key. A truncated tar raises tarfile.ReadError."""
     entries: list[IndexEntry] = []
-    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
         for member in tar:
             if not member.isreg():
                 continue
