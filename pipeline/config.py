@@ -51,6 +51,7 @@ class DataConfig:
     flip: bool = True
     num_threads: int = 2  # decode threads per worker
     diffaug: str = ""  # DiffAugment policy for D's inputs, e.g. "color,translation,cutout"; "" = off
+    max_bad_fraction: float = 0.01  # share of the set that bad samples and quarantined shards may take, [0, 1]
 
 
 @dataclass
@@ -315,6 +316,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key in ("loss.label_smoothing", "loss.label_flip", "tricks.replay_fraction"):
         if not 0.0 <= flat[key] < 1.0:
             raise ConfigError(f"{key}: must be in [0, 1), got {flat[key]!r}")
+    if not 0.0 <= flat["data.max_bad_fraction"] <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {flat['data.max_bad_fraction']!r}")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay: must be in [0, 1), got {cfg.ema.decay!r}")
     per_step = cfg.data.batch_size * cfg.cluster.num_workers

@@ -129,7 +129,6 @@ class _Producer(threading.Thread):
         self.io = ThreadPoolExecutor(1, thread_name_prefix="shard-window")
         self.orders: dict[int, np.ndarray] = {}
         self.windows: dict[tuple[int, int], Future] = {}
-        self.last_good: _RawBatch | None = None
 
     def run(self) -> None:
         try:
@@ -195,16 +194,36 @@ class _Producer(threading.Thread):
             errors = [e or d for e, d in zip(errors, decode_errors)]
         bad = replace_bad(errors, samples, jpgs, labels, ids, images)
         if len(bad) == len(samples):  # nothing usable in the batch (e.g. all of it from a vanished shard)
-            if self.last_good is None:
-                raise RuntimeError(f"no usable sample in batch {b} of epoch {epoch} nor before it: "
-                                   f"{samples[0].key}: {errors[0]}")
-            g = self.last_good
-            jpgs, labels, ids = list(g.jpgs), g.labels.copy(), list(g.ids)
-            images = None if g.images is None else g.images.clone()
-        raw = _RawBatch(epoch, b, ids, jpgs, labels, aug, images, bad)
-        if len(bad) < len(samples):
-            self.last_good = raw
-        return raw
+            jpgs, labels, ids, images = self._donors(epoch, b, aug)
+        return _RawBatch(epoch, b, ids, jpgs, labels, aug, images, bad)
+
+    def _donors(self, epoch: int, b: int, aug: AugParams):
+        """Stand-ins for a batch with no usable sample: the first usable samples after it in the rank's
+        order (wrapping around), so the choice depends on the position alone, as a resumed run needs."""
+        plan, order = self.plan_for(epoch), self._order(epoch)
+        n, chunk = plan.batch_size, max(plan.batch_size, plan.shuffle_window)
+        found: list[tuple[int, Sample]] = []
+        for start in range((b + 1) * n, (b + 1) * n + len(order), chunk):
+            pos = np.arange(start, min(start + chunk, (b + 1) * n + len(order))) % len(order)
+            got = self.shards.read(order[pos])
+            for gid in order[pos].tolist():
+                s = got[gid]
+                if not (s.error or self.known_bad.get(gid) or _check(s, self.num_classes, self.decoder is None)):
+                    found.append((gid, s))
+            if len(found) >= n:
+                break
+        if not found:
+            raise RuntimeError(f"no usable sample left in epoch {epoch} (bad shards: "
+                               f"{', '.join(sorted(self.shards.manifest.shards[i].name for i in self.shards.bad))})")
+        picks = [found[i % len(found)] for i in range(n)]
+        ids, jpgs = [g for g, _ in picks], [s.jpg for _, s in picks]
+        labels = np.asarray([s.label for _, s in picks], np.int64)
+        images = None
+        if self.decoder is not None:
+            images, errors = self.decoder.decode(jpgs, aug)
+            if replace_bad(errors, [s for _, s in picks], jpgs, labels, ids, images) and all(errors):
+                raise RuntimeError(f"no decodable sample found to stand in for batch {b} of epoch {epoch}")
+        return jpgs, labels, ids, images
 
 
 def _check(s: Sample, num_classes: int, strict: bool) -> str | None:
