@@ -180,3 +180,34 @@ def test_max_bad_fraction_is_range_checked():
     with pytest.raises(C.ConfigError, match=r"data\.max_bad_fraction.*\[0, 1\]"):
         C.validate(cfg)
     assert np.isclose(C.RunConfig().data.max_bad_fraction, 0.01)
+
+
+def test_training_survives_a_vanished_shard_logs_data_metrics_and_resumes(tmp_path, mlflow_server):
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import Tracker
+    from tests.trainer_harness import make_trainer, tiny_config
+
+    shards = tmp_path / "shards"
+    write_id_shards(shards, [24, 24, 24, 24], num_classes=5, resolution=32)
+    over = {"train.steps": 6, "train.checkpoint_every": 6, "data.max_bad_fraction": 0.3}
+    cfg = tiny_config(tmp_path, str(shards), 5, **over)
+    tracker = Tracker(mlflow_server.uri, "data-faults", f"vanished-{uuid.uuid4().hex[:6]}", retry_wait=0.2)
+    trainer = make_trainer(cfg, tmp_path, tracker=tracker)
+    os.remove(shards / "shard-000001.tar")  # after the loader indexed it, before any read
+    assert trainer.fit()["status"] == "finished"
+    assert trainer.loader.quarantine == {"shard-000001.tar": 1}
+    tracker.flush()
+    client = MlflowClient(mlflow_server.uri)
+    assert [m.value for m in client.get_metric_history(tracker.run_id, "data/bad_shards")] == [1.0, 1.0, 1.0]
+    assert client.get_metric_history(tracker.run_id, "data/skipped")[-1].value > 0
+    tracker.close()
+
+    # a restart (new process, same store) resumes with the quarantine and does not fault again
+    cfg2 = tiny_config(tmp_path, str(shards), 5, **{**over, "train.steps": 10})
+    resumed = make_trainer(cfg2, tmp_path)
+    resumed.load_checkpoint(trainer.store.latest())
+    assert resumed.loader.quarantine == {"shard-000001.tar": 1}
+    assert resumed.fit()["status"] == "finished" and resumed.step == 10
