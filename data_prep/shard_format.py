@@ -84,7 +84,9 @@ class Manifest:
     stats: dict | None = field(default=None, repr=False, compare=False)  # of the run that wrote it; not saved
 
     def __post_init__(self) -> None:
-        self.shards = [s if isinstance(s, ShardInfo) else ShardInfo(**s) for s in self.shards]
+        known = set(ShardInfo.__dataclass_fields__)
+        self.shards = [s if isinstance(s, ShardInfo) else ShardInfo(**{k: v for k, v in s.items() if k in known})
+                       for s in self.shards]
         if not self.num_samples:
             self.num_samples = sum(s.count for s in self.shards)
 
@@ -95,6 +97,13 @@ class Manifest:
     def to_json(self) -> str:
         data = asdict(self)
         data.pop("stats")
+        # fields at their defaults are left out, so readers that predate them still read the set
+        for key, default in _OPTIONAL_FIELDS.items():
+            if data.get(key) == default:
+                data.pop(key)
+        for shard in data["shards"]:
+            if shard.get("url") is None:
+                shard.pop("url", None)
         return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
 
     @classmethod
@@ -105,6 +114,9 @@ class Manifest:
             data["classes"] = [classes[str(i)] for i in range(len(classes))]
         known = {f for f in cls.__dataclass_fields__} - {"stats"}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+_OPTIONAL_FIELDS = {"image_keys": ["jpg"], "label_key": "cls", "label_field": ""}
 
 
 # -- storage -------------------------------------------------------------------------------------------------

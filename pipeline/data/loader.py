@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -305,6 +306,7 @@ class ShardLoader:
         self._pil: PilDecoder | None = None
         self._dali: DaliDecoder | None = None
         self._dali_fallbacks = 0
+        self._fault_s = 0.0  # time spent on batches DALI failed on (rebuild + CPU decode)
         self._boxes: list[_Stream] = []  # streams to stop when the loader is collected
         chosen = pick_backend(backend, device)
         if chosen.startswith("dali"):
@@ -377,6 +379,11 @@ class ShardLoader:
             return dict(self._stats.keys)
 
     @property
+    def fault_time(self) -> tuple[int, float]:
+        """(batches DALI failed on and PIL decoded instead, seconds those cost: rebuild + CPU decode)."""
+        return self._dali_fallbacks, self._fault_s
+
+    @property
     def quarantine(self) -> dict[str, int]:
         return dict(self._quarantine)
 
@@ -427,9 +434,11 @@ class ShardLoader:
         if self._stream is None:
             self._start()
         if self._dali is not None:
+            t = time.perf_counter()
             images, labels, raw, error = self._dali.next()
             if images is None:
                 images, labels = self._decode_on_cpu(raw, error)
+                self._fault_s += time.perf_counter() - t
         else:
             raw = self._stream.next_raw()
             images = to_unit_range(raw.images, self.device)
@@ -466,6 +475,7 @@ class ShardLoader:
     def close(self) -> None:
         """Stop the background reader and release the decoder (also done when the loader is collected)."""
         self._closed = True
+        self.shards.closed = True  # a read still in flight must not mark (and log) shards bad
         self._finalizer()
         for stream in self._boxes:
             stream.shutdown(join=True)

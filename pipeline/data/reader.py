@@ -47,6 +47,7 @@ class ShardSet:
         self.manifest: Manifest = read_manifest(url, storage_options)
         self.io_threads = max(1, io_threads)
         self.bad: dict[int, str] = {}  # shard index -> why it cannot be read
+        self.closed = False  # set by the loader: late reads of a closed loader report nothing
         self._lock = threading.Lock()
         self.index_of = {s.name: i for i, s in enumerate(self.manifest.shards)}
         with ThreadPoolExecutor(self.io_threads) as pool:
@@ -83,6 +84,8 @@ class ShardSet:
         return len(self.shard_of)
 
     def mark_bad(self, i: int, reason: str) -> None:
+        if self.closed:
+            return
         with self._lock:
             first = i not in self.bad
             self.bad.setdefault(i, reason)
