@@ -278,8 +278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-key", default="cls", choices=["cls", "json"], help="where the class index is")
     p.add_argument("--label-field", default="", help="with --label-key json: the field (dotted path) of the class index")
     p.add_argument("--classes", default=None, help="text file of class names, one per line (index = line number)")
-    p.add_argument("--num-classes", type=int, default=None, help="labels must be below this (default: max + 1)")
-    p.add_argument("--resolution", type=int, default=None, help="training resolution in the manifest (default: median short side)")
+    p.add_argument("--num-classes", type=int, default=None, help="labels must be below this (unset: the largest label + 1)")
+    p.add_argument("--resolution", type=int, default=None, help="training resolution in the manifest (unset: the median short side)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="shards scanned at once (processes); 0 = inline")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec option for the shards and OUT, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable)")
