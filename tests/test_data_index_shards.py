@@ -153,3 +153,25 @@ def test_webdataset_tar_members_are_where_the_index_says(foreign, tmp_path):
         for e in entries:
             off, size = e.components["png"]
             assert data[off : off + size] == tar.extractfile(f"{e.key}.png").read()
+
+
+def test_shards_on_s3_are_indexed_and_read_in_place(foreign, tmp_path):
+    import fsspec
+
+    from tests.data_helpers import moto_s3
+
+    with moto_s3(tmp_path) as s3:
+        opts, bucket = s3["options"], s3["bucket"]
+        fs = fsspec.filesystem("s3", **opts)
+        for p in sorted((foreign / "a").glob("train-*.tar")):
+            fs.put_file(str(p), f"{bucket}/foreign/{p.name}")
+        out = f"s3://{bucket}/foreign-index"
+        from data_prep import index_shards as ix
+
+        pattern = f"s3://{bucket}/foreign/train-{{000000..000003}}.tar"
+        manifest = ix.index_shards(pattern, out, workers=0, storage_options=opts, progress=False)
+        assert manifest.num_samples == N - 3 and all(s.url.startswith("s3://") for s in manifest.shards)
+        assert fs.exists(f"{bucket}/foreign-index/{ix.BAD_SAMPLES_NAME}")
+        with build_loader(out, storage_options=opts, batch_size=4, backend="wds", flip=False, drop_last=False) as loader:
+            ids, labels = _all_ids(loader)
+        assert set(ids) == set(range(N)) - {BAD_JPEG, NOT_AN_IMAGE, BAD_LABEL} and labels == [i % 5 for i in ids]
