@@ -211,3 +211,21 @@ def test_training_survives_a_vanished_shard_logs_data_metrics_and_resumes(tmp_pa
     resumed.load_checkpoint(trainer.store.latest())
     assert resumed.loader.quarantine == {"shard-000001.tar": 1}
     assert resumed.fit()["status"] == "finished" and resumed.step == 10
+
+
+@pytest.mark.skipif(not dali_available(), reason="needs nvidia-dali")
+def test_dali_batches_around_a_corrupt_jpeg_are_the_same_after_a_restart(tmp_path):
+    """The first run learns the culprit in epoch 0 and leaves it out in epoch 1; a loader restarted at
+    epoch 1 meets it afresh (DALI fails, the batch is repaired and decoded again): the same batches."""
+    write_id_shards(tmp_path, [12, 12], extra={5: {"jpg": corrupt_jpeg()}, 17: {"jpg": corrupt_jpeg(1)}})
+    kw = {"batch_size": 4, "backend": "dali-cpu", "shuffle_window": 8, "random_crop": True, "seed": 2}
+    with build_loader(str(tmp_path), **kw) as a:
+        _rest_of_epoch(a)
+        assert a._dali.rebuilds == 2
+        want = _rest_of_epoch(a)
+        assert a._dali.rebuilds == 2  # known culprits: no DALI failure in epoch 1
+    with build_loader(str(tmp_path), start_epoch=1, **kw) as b:
+        got = _rest_of_epoch(b)
+        assert b._dali.rebuilds == 2 and b.skipped == 2
+    assert all(torch.equal(x, y) and torch.equal(lx, ly) for (x, lx), (y, ly) in zip(got, want))
+    assert not {5, 17} & set(_ids(got))

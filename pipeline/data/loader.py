@@ -451,7 +451,10 @@ class ShardLoader:
         return images, labels
 
     def _decode_on_cpu(self, raw: _RawBatch, error: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch DALI failed on: decode it with PIL, find the culprits, replace and remember them."""
+        """A batch DALI failed on: find the culprits with PIL, replace them as the producer would have had it
+        known them, and hand the repaired batch to DALI again (first in line). The batch is then exactly
+        what a run that knew the culprits beforehand decodes, so a resumed run, which has forgotten them,
+        still matches. Only if DALI fails again, or PIL finds no culprit, is the PIL decode served."""
         self._dali_fallbacks += 1
         if self._pil is None:
             self._pil = PilDecoder(self.resolution, self.num_threads, pin_memory=self.device.type == "cuda")
@@ -466,10 +469,18 @@ class ShardLoader:
         if len(bad) == len(samples):
             raise RuntimeError(f"DALI and PIL both failed on every sample of batch {raw.offset} of epoch "
                                f"{raw.epoch} ({error})")
-        if not bad:
+        raw.bad += [(k, f"DALI failed on its batch; PIL: {c}", lost) for k, c, lost in bad]
+        if bad:
+            self._dali.replay.appendleft(raw)
+            again, labels, back, error2 = self._dali.next()
+            if again is not None:
+                return again, labels
+            raw, error = back, error2
+            log.warning("DALI failed again on repaired batch %d of epoch %d: served by PIL (%s)", raw.offset,
+                        raw.epoch, error)
+        else:
             log.warning("DALI failed on batch %d of epoch %d but PIL decodes all of it: served by PIL (%s)",
                         raw.offset, raw.epoch, error)
-        raw.bad += [(k, f"DALI failed on its batch; PIL: {c}", lost) for k, c, lost in bad]
         return to_unit_range(images, self.device), torch.from_numpy(raw.labels).to(self.device, non_blocking=True)
 
     def close(self) -> None:
