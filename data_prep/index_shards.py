@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import tarfile
@@ -199,7 +200,8 @@ def index_shards(pattern: str, out: str, *, image_keys: tuple[str, ...] = DEFAUL
             scans[i] = scan_shard(i, url, image_keys, labels, storage_options)
             _tick(bar, scans[i])
     else:
-        with ProcessPoolExecutor(workers) as pool:
+        # spawn, not fork: a caller with threads (a DALI pipeline, a loader) can leave a forked child locked
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(scan_shard, i, u, image_keys, labels, storage_options) for i, u in enumerate(urls)]
             for f in as_completed(futures):
                 s = f.result()
