@@ -61,6 +61,7 @@ class ShardInfo:
     sha256: str  # of the whole tar file
     bytes: int
     index: str | None = None  # DALI index file name, None if the set has none
+    url: str | None = None  # where the tar is when it is not next to the manifest (index_shards: in place)
 
 
 @dataclass
@@ -77,10 +78,15 @@ class Manifest:
     source: str = ""
     class_counts: list[int] = field(default_factory=list)
     index_tool: str = ""  # "wds2idx" or "builtin" (the same format written by this package)
+    image_keys: list[str] = field(default_factory=lambda: ["jpg"])  # a sample's image: the first of these present
+    label_key: str = "cls"  # "cls" (ASCII class index) or "json"
+    label_field: str = ""  # label_key "json": the field holding the class index
     stats: dict | None = field(default=None, repr=False, compare=False)  # of the run that wrote it; not saved
 
     def __post_init__(self) -> None:
-        self.shards = [s if isinstance(s, ShardInfo) else ShardInfo(**s) for s in self.shards]
+        known = set(ShardInfo.__dataclass_fields__)
+        self.shards = [s if isinstance(s, ShardInfo) else ShardInfo(**{k: v for k, v in s.items() if k in known})
+                       for s in self.shards]
         if not self.num_samples:
             self.num_samples = sum(s.count for s in self.shards)
 
@@ -91,6 +97,13 @@ class Manifest:
     def to_json(self) -> str:
         data = asdict(self)
         data.pop("stats")
+        # fields at their defaults are left out, so readers that predate them still read the set
+        for key, default in _OPTIONAL_FIELDS.items():
+            if data.get(key) == default:
+                data.pop(key)
+        for shard in data["shards"]:
+            if shard.get("url") is None:
+                shard.pop("url", None)
         return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
 
     @classmethod
@@ -101,6 +114,9 @@ class Manifest:
             data["classes"] = [classes[str(i)] for i in range(len(classes))]
         known = {f for f in cls.__dataclass_fields__} - {"stats"}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+_OPTIONAL_FIELDS = {"image_keys": ["jpg"], "label_key": "cls", "label_field": ""}
 
 
 # -- storage -------------------------------------------------------------------------------------------------
@@ -221,9 +237,10 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def index_from_tar(fileobj: io.BufferedIOBase) -> list[IndexEntry]:
-    """Scan a tar (a seekable file object) into index entries, grouping consecutive members by key."""
+    """Scan a tar (read front to back, so a stream will do) into index entries, grouping consecutive members
+    by key. A truncated tar raises tarfile.ReadError."""
     entries: list[IndexEntry] = []
-    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
         for member in tar:
             if not member.isreg():
                 continue

@@ -99,6 +99,7 @@ class DataConfig:
     flip: bool = True
     num_threads: int = bounded(2, ge=1)  # decode threads per worker
     diffaug: str = ""  # DiffAugment policy for D's inputs, e.g. "color,translation,cutout"; "" = off
+    max_bad_fraction: float = bounded(0.01, ge=0, le=1)  # share of the set that bad samples and quarantined shards may take, [0, 1]
 
 
 @dataclass

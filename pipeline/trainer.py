@@ -292,11 +292,13 @@ class Trainer:
         self.ema.ready()  # collective: the whole average, with its own spectral norms
         return self.snapshot.save(metrics)
 
-    def open_loader(self, epoch: int, offset: int) -> None:
+    def open_loader(self, epoch: int, offset: int, **faults) -> None:
         """(Re)start the data stream at a position, with the current data seed."""
         if self.loader is not None and hasattr(self.loader, "close"):
             self.loader.close()
         self.loader = self.make_loader(epoch=epoch, offset=offset, seed=self.data_seed)
+        if faults:  # shards quarantined earlier in the run (pipeline/data/faults.py)
+            self.loader.restore_faults(**faults)
         self.data = iter(self.loader)
 
     def reseed_data(self, offset: int) -> None:
@@ -395,6 +397,8 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 metrics = self.take_metrics()
                 metrics.update(self.trick_metrics())
+                if hasattr(self.loader, "sync_faults"):  # every rank: agree on bad shards, data/* metrics
+                    metrics.update(self.loader.sync_faults(self.cfg.data.max_bad_fraction))
                 now = time.time()
                 iters = self.step - last_log_step
                 elapsed = max(now - last_log_t, 1e-9)

@@ -242,3 +242,15 @@ def _env(values: dict[str, str]) -> Iterator[None]:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def corrupt_jpeg(seed: int = 0, size: int = 16) -> bytes:
+    """A JPEG that passes every marker check (SOI first, EOI last, all headers present) but whose scan is
+    garbage and names a Huffman table that is not defined: PIL and DALI both fail on it."""
+    good = jpeg_bytes(photo(size, size, seed))
+    sos = good.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(good[sos + 2 : sos + 4], "big")
+    junk = np.random.default_rng(seed).integers(0, 256, len(good) - 2 - start, dtype=np.uint8).tobytes()
+    data = bytearray(good[:start] + junk + b"\xff\xd9")
+    data[sos + 6] = 0xFF  # the first component's DC/AC table ids: 15/15, never defined
+    return bytes(data)

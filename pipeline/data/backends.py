@@ -8,7 +8,7 @@ Without random crop the square is the center one, which leaves R x R shard image
 from __future__ import annotations
 
 import io
-import queue
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -100,29 +100,68 @@ class DaliDecoder:
 
     The samples and augmentation draws come from the shared schedule (the same as every backend); DALI only
     decodes, crops, resizes, mirrors and normalizes, on the CPU (device_id=None) or with nvJPEG ("mixed").
+
+    DALI has no option to skip a sample it cannot decode: the whole iteration fails. So every raw batch
+    handed to the pipeline is kept (`pending`, in order) until its output comes back, tagged with a serial
+    number that travels through the pipeline and is checked on return. When an iteration fails, `next`
+    returns (None, None, raw batch, error) and the pipeline is rebuilt, the batches it had already pulled
+    to be replayed first (the caller may put a repaired batch in front of them, see loader.py): nothing is
+    lost or reordered, whatever DALI's executor does after an error. Cost: nothing per batch; per
+    failure, one build (40-50 ms on CPU) plus what the caller does.
     """
 
-    def __init__(self, resolution: int, batch_size: int, num_threads: int, device: torch.device,
-                 source: Callable[[], tuple], gpu: bool):
+    def __init__(self, resolution: int, batch_size: int, num_threads: int, device: torch.device, gpu: bool):
+        self.name = "dali-gpu" if gpu else "dali-cpu"
+        self.device, self.gpu = device, gpu
+        self.resolution, self.batch_size, self.num_threads = resolution, batch_size, max(1, num_threads)
+        if gpu:
+            if device.type != "cuda":
+                raise ValueError("backend dali-gpu needs a CUDA device")
+            self.device_id = device.index if device.index is not None else torch.cuda.current_device()
+        else:
+            self.device_id = None  # a CPU-only pipeline
+        self.pending: deque = deque()  # raw batches pulled by the pipeline, output not returned yet
+        self.replay: deque = deque()  # pulled by a pipeline that failed: fed again, first
+        self.next_raw: Callable[[], Any] | None = None
+        self.to_inputs: Callable[[Any], tuple] | None = None
+        self.source_error: BaseException | None = None
+        self.rebuilds = 0
+        self._build()
+
+    def attach(self, next_raw: Callable[[], Any], to_inputs: Callable[[Any], tuple]) -> None:
+        """Where raw batches come from from now on; forgets what an earlier source had handed over."""
+        if self.pending or self.replay:
+            self.pending.clear()
+            self.replay.clear()
+            self._build()
+        self.next_raw, self.to_inputs, self.source_error = next_raw, to_inputs, None
+
+    def _source(self) -> tuple:
+        if self.replay:
+            raw = self.replay.popleft()
+        else:
+            try:
+                raw = self.next_raw()
+            except BaseException as e:  # the reader's own failure: `next` re-raises it as it is
+                self.source_error = e
+                raise
+        self.pending.append(raw)
+        return self.to_inputs(raw)
+
+    def _build(self) -> None:
         from nvidia.dali import fn, pipeline_def, types  # noqa: PLC0415
         from nvidia.dali.math import min as dali_min  # noqa: PLC0415
         from nvidia.dali.plugin.pytorch import DALIGenericIterator  # noqa: PLC0415
 
-        self.name = "dali-gpu" if gpu else "dali-cpu"
-        self.device = device
-        if gpu:
-            if device.type != "cuda":
-                raise ValueError("backend dali-gpu needs a CUDA device")
-            device_id = device.index if device.index is not None else torch.cuda.current_device()
-        else:
-            device_id = None  # a CPU-only pipeline
+        gpu, resolution = self.gpu, self.resolution
+        self.iter = self.pipe = None
 
-        @pipeline_def(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id,
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                       prefetch_queue_depth=2, seed=0)
         def pipe():
-            jpegs, frac, cx, cy, flip, labels = fn.external_source(
-                source=source, num_outputs=6, batch=True,
-                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32, types.INT64],
+            jpegs, frac, cx, cy, flip, labels, serial = fn.external_source(
+                source=self._source, num_outputs=7, batch=True,
+                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32, types.INT64, types.INT64],
             )
             shape = fn.peek_image_shape(jpegs)  # H, W, C from the header
             short = fn.cast(dali_min(shape[0], shape[1]), dtype=types.FLOAT)
@@ -135,33 +174,39 @@ class DaliDecoder:
                                antialias=True)
             images = fn.crop_mirror_normalize(images, mirror=flip, mean=[127.5] * 3, std=[127.5] * 3,
                                               dtype=types.FLOAT, output_layout="CHW")
-            return images, labels
+            return images, labels, serial
 
         self.pipe = pipe()
         self.pipe.build()
-        self.iter = DALIGenericIterator(self.pipe, ["images", "labels"], size=-1, auto_reset=False,
+        self.iter = DALIGenericIterator(self.pipe, ["images", "labels", "serial"], size=-1, auto_reset=False,
                                         prepare_first_batch=False)
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        out = next(self.iter)[0]
+    def next(self) -> tuple[torch.Tensor | None, torch.Tensor | None, Any, str | None]:
+        """(images, labels, raw batch, None), or (None, None, raw batch, DALI's error) when DALI failed on it."""
+        try:
+            out = next(self.iter)[0]
+        except Exception as e:
+            if self.source_error is not None:
+                raise self.source_error from None
+            if not self.pending:
+                raise
+            raw = self.pending.popleft()
+            self.replay = deque([*self.pending, *self.replay])
+            self.pending.clear()
+            self.rebuilds += 1
+            self._build()
+            return None, None, raw, " ".join(str(e).split())[:300]
+        raw = self.pending.popleft()
+        serial = int(out["serial"].reshape(-1)[0])
+        if serial != raw.serial:  # would mean an output paired with the wrong batch: never hand that on
+            raise RuntimeError(f"DALI returned batch {serial}, expected {raw.serial}")
         images, labels = out["images"], out["labels"].reshape(-1).long()
         if images.device != self.device:
             images = images.to(self.device, non_blocking=True)
-        return images, labels.to(self.device, non_blocking=True)
+        return images, labels.to(self.device, non_blocking=True), raw, None
 
     def close(self) -> None:
         self.iter = None
         self.pipe = None
-
-
-class QueueSource:
-    """The external source callback: pops prepared raw batches from the producer's queue, in order."""
-
-    def __init__(self, q: queue.Queue, on_batch: Callable[[Any], tuple]):
-        self.q, self.on_batch = q, on_batch
-
-    def __call__(self) -> tuple:
-        item = self.q.get()
-        if isinstance(item, BaseException):
-            raise item
-        return self.on_batch(item)
+        self.pending.clear()
+        self.replay.clear()

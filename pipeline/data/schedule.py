@@ -12,6 +12,9 @@ Per epoch e (all ranks compute the same thing):
 4. within a rank's slice, samples are shuffled inside windows of `shuffle_window` (seed, e, r, window), the
    way a WebDataset shuffle buffer mixes samples, but reproducibly and addressable by position.
 Shards already mix classes (make_shards spreads images over them in a seeded random order).
+
+`excluded` shards (quarantined after a fault, see faults.py) keep their place in the shard permutation and
+their global ids, but contribute no samples: the other shards' order is the same with or without them.
 """
 
 from __future__ import annotations
@@ -42,13 +45,14 @@ class EpochPlan:
     random_crop: bool = False
     min_crop: float = 0.8  # random_crop: side of the crop drawn from [min_crop, 1] x the short side
     flip: bool = True
+    excluded: frozenset[int] = frozenset()  # shard indices (manifest order) left out of the epoch
     _starts: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.world_size < 1:
             raise ValueError("batch_size and world_size must be >= 1")
         if self.num_samples == 0:
-            raise ValueError("the shard set has no samples")
+            raise ValueError("the shard set has no samples" + (" left outside quarantine" if self.excluded else ""))
         if self.drop_last and self.batches_per_epoch == 0:
             raise ValueError(
                 f"{self.num_samples} samples cannot fill one batch of {self.batch_size} on each of "
@@ -62,7 +66,7 @@ class EpochPlan:
 
     @property
     def num_samples(self) -> int:
-        return int(sum(self.counts))
+        return int(sum(c for i, c in enumerate(self.counts) if i not in self.excluded))
 
     @property
     def batches_per_epoch(self) -> int:
@@ -78,7 +82,8 @@ class EpochPlan:
         """Global sample ids (positions in the manifest's shard order) for the whole epoch, all ranks."""
         rng = np.random.default_rng([self.seed, epoch, 0])
         perm = rng.permutation(len(self.counts))
-        seq = np.concatenate([np.arange(self._starts[s], self._starts[s] + self.counts[s]) for s in perm])
+        seq = np.concatenate([np.arange(self._starts[s], self._starts[s] + self.counts[s]) for s in perm
+                              if s not in self.excluded])
         total = self.world_size * self.samples_per_rank
         return seq[:total] if total <= len(seq) else np.resize(seq, total)
 
