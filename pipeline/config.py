@@ -100,6 +100,7 @@ class TrainConfig:
     log_every: int = 20
     sample_every: int = 1000
     checkpoint_every: int = 1000
+    checkpoint_every_minutes: float = 0.0  # also commit when this much time passed since the last one; 0 = off
     keep_last: int = 3  # checkpoints kept besides the best and the newest healthy one
     output_dir: str = "runs"  # local checkpoints and samples (per run subfolder)
     channels_last: bool = False  # NHWC images into D and G's convolutions (DeepSpeed keeps weights NCHW)
@@ -112,7 +113,8 @@ class ClusterConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 1
     storage_path: str = ""  # Ray Train storage (local path or s3://); "" = <output_dir>/ray
-    max_failures: int = 3  # restarts of the worker group from the last checkpoint
+    max_failures: int = 3  # restarts of the worker group from the last checkpoint (crashes, kills)
+    max_preemptions: int = 100  # relaunches after workers were preempted (SIGTERM); these use no max_failures
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (one worker per node)
 
 
@@ -120,7 +122,7 @@ class ClusterConfig:
 class TrackingConfig:
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "biggan"
-    run_name: str = ""  # "" = <preset>-<timestamp>
+    run_name: str = ""  # the run's identity (resume key); "" = <preset>-<digest of what is trained> (pipeline/resume.py)
     retries: int = 3  # attempts per tracking call before warning and moving on
 
 
@@ -130,6 +132,7 @@ class HealthConfig:
     every: int = 10  # G steps between health checks
     window: int = 50  # trailing checks forming each signal's history
     min_history: int = 10  # checks needed before relative rules fire
+    warmup_steps: int = 0  # G steps during which only non-finite values raise alarms (relative rules quiet)
     sigma_ratio: float = 3.0  # alarm when G's first-layer sigma0 exceeds k x its trailing median
     d_sigma_ratio: float = 3.0  # alarm when D's max sigma0 exceeds k x its trailing median
     d_loss_floor: float = 0.02  # alarm when D's real+fake loss stays below this ...
@@ -308,6 +311,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     non_negative = [
         "loss.r1_gamma", "loss.ortho_beta", "loss.gp_lambda", "tricks.instance_noise", "tricks.replay_size",
         "model.num_classes", "train.keep_last", "cluster.max_failures", "health.max_rollbacks", "eval.every",
+        "train.checkpoint_every_minutes", "cluster.max_preemptions", "health.warmup_steps",
     ]
     for key in non_negative:
         if flat[key] < 0:

@@ -21,13 +21,15 @@ import torch.distributed as dist
 import models
 from models.regularization import orthogonal_penalty
 from models.spectral import SpectralNorm, first_layer_sigma0, sigma0s
-from pipeline import losses, tricks
+from pipeline import losses, preemption, tricks
 from pipeline.augment import diff_augment
 from pipeline.checkpoint import CheckpointInfo, CheckpointStore, rng_state, set_rng_state
 from pipeline.config import RunConfig, grad_accumulation_steps
 from pipeline.ema import EMA
 from pipeline.engines import build_engines, use_bf16
-from pipeline.health import HealthMonitor, apply_mitigation
+from pipeline.health import HealthMonitor
+from pipeline.preemption import StopAgreement
+from pipeline.recovery import Recovery
 from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -92,8 +94,8 @@ class Trainer:
 
         self.step = 0  # G steps done
         self.d_steps_done = 0
-        self.rollbacks = 0
-        self.rollback_log: list[tuple[int, int]] = []  # (from step, restored step)
+        self.recovery = Recovery(self)  # rollback count and mitigation state, kept across restarts
+        self.stop = StopAgreement(rank, world_size, cfg.train.checkpoint_every_minutes)  # preemption, time cadence
         self.injected = False
         self.status = "running"
         self.fail_once_at: tuple[int, Path] | None = None  # (step, flag file): a drill for worker restarts
@@ -252,6 +254,9 @@ class Trainer:
             t /= self.world_size
         return dict(zip(keys, t.tolist()))
 
+    def clear_metrics(self) -> None:
+        self._sums, self.data_wait = {}, 0.0
+
     def take_metrics(self) -> dict[str, float]:
         means = {k: self._sums[k] / self._sums[k + "__n"] for k in self._sums if not k.endswith("__n")}
         self._sums = {}
@@ -277,16 +282,28 @@ class Trainer:
         return {
             "step": self.step,
             "d_steps_done": self.d_steps_done,
-            "rollbacks": self.rollbacks,
             "ema": self.ema.state_dict(),
             "data_position": self.loader.state(),
-            "data_seed": self.data_seed,
-            "r1_gamma": self.cfg.loss.r1_gamma,
+            "recovery": self.recovery_state(),
             "mlflow_run_id": self.tracker.run_id,
             "health": self.health.state_dict(),
             "config": self.cfg.to_dict(),
             "class_names": self.class_names,
         }
+
+    def recovery_state(self) -> dict:
+        return self.recovery.state_dict()
+
+    def load_recovery_state(self, state: dict) -> None:
+        self.recovery.load_state_dict(state)
+
+    @property
+    def rollbacks(self) -> int:
+        return self.recovery.rollbacks
+
+    @property
+    def rollback_log(self) -> list[tuple[int, int]]:
+        return self.recovery.log
 
     def rank_state(self) -> dict:
         return {"rng": rng_state(), "noise": self.noise.get_state(), "replay": self.replay.state_dict()}
@@ -343,7 +360,7 @@ class Trainer:
         self.d_engine.load_checkpoint(str(root / "d"), tag="ckpt")
         state = torch.load(root / "trainer.pt", map_location=self.device, weights_only=False)
         self.step, self.d_steps_done = state["step"], state["d_steps_done"]
-        self.cfg.loss.r1_gamma, self.data_seed = state["r1_gamma"], state["data_seed"]
+        self.load_recovery_state(state["recovery"])  # before the loader reopens: the data seed is part of it
         self.ema.load_state_dict(state["ema"])
         self.health.load_state_dict(state["health"])
         if self.tracker.run_id is None:
@@ -358,7 +375,7 @@ class Trainer:
             self.open_loader(**state["data_position"])
         log.info("rank %d: restored step %d from %s", self.rank, self.step, info.path)
 
-    # -- collapse drill and rollback -----------------------------------------------------------------------------
+    # -- collapse drill -----------------------------------------------------------------------------
     @torch.no_grad()
     def inject_collapse(self) -> None:
         """Provoke a collapse on purpose: blow up G's first layer and D's learning rate."""
@@ -367,37 +384,6 @@ class Trainer:
         for group in self.d_engine.optimizer.param_groups:
             group["lr"] *= 100.0
         log.warning("rank %d: injected a collapse at step %d", self.rank, self.step)
-
-    def rollback(self, decision) -> bool:
-        """Restore the newest healthy checkpoint before the onset on every rank; False if there is none left."""
-        target = torch.tensor([-1], device=self.device)
-        if self.rank == 0:
-            found = self.store.newest_healthy(before=decision.onset_step + 1)
-            target[0] = found.step if found else -1
-        if self.world_size > 1:
-            dist.broadcast(target, src=0)
-        step = int(target.item())
-        if step < 0 or self.rollbacks >= self.cfg.health.max_rollbacks:
-            return False
-        from_step, rollbacks = self.step, self.rollbacks + 1
-        self.load_checkpoint(self.store.get(step))
-        self.rollbacks = rollbacks
-        self.rollback_log.append((from_step, step))
-        self.barrier()
-        if self.rank == 0:
-            self.store.forget_after(step)
-        self.barrier()
-        done = apply_mitigation(self, self.cfg.health.mitigation, self.rollbacks)
-        self.health.reset_after_rollback()
-        if self.rank == 0:
-            print(f"[health] rolled back from step {from_step} to {step}; mitigation: {', '.join(done)}", flush=True)
-        self.tracker.log_metrics({"rollbacks": self.rollbacks}, step=from_step)
-        self.tracker.log_text(
-            decision.explain() + f"\nrolled back from step {from_step} to step {step}\nmitigation: {done}\n",
-            f"rollbacks/rollback_{self.rollbacks:02d}_step_{from_step:08d}.txt",
-        )
-        self.tracker.set_tags({f"rollback.{self.rollbacks}": f"step {from_step} -> {step}: {decision.reason}"})
-        return True
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def log_samples(self) -> None:
@@ -443,11 +429,13 @@ class Trainer:
             log.info("training from step %d to %d on %d worker(s)", self.step, cfg.steps, self.world_size)
         start, last_log_t, last_log_step = time.time(), time.time(), self.step
         metrics: dict[str, float] = {}
+        self.recovery.ensure_initial_checkpoint()  # a place to return to before the first healthy checkpoint
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             self.train_iteration()
             step_time = time.perf_counter() - t0
             self._maybe_fail_once()
+            boundary = self.stop.check()  # agreed by every rank: preempted? time-based checkpoint due?
 
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 metrics = self.take_metrics()
@@ -477,10 +465,13 @@ class Trainer:
                 if decision.alarm:
                     if self.rank == 0:
                         print(f"[health] collapse at step {self.step}: {decision.reason}", flush=True)
-                    if not self.rollback(decision):
+                    if not self.recovery.recover(decision):  # commits a checkpoint after rolling back
                         self.status = "collapsed"
                         break
                     last_log_t, last_log_step = time.time(), self.step
+                    if boundary.stop:  # the rollback's checkpoint is the one to resume from
+                        self.status = "preempted"
+                        break
                     continue
                 for step in self.health.newly_healthy():
                     if self.rank == 0:
@@ -488,15 +479,22 @@ class Trainer:
 
             if self.rank == 0 and (self.step % cfg.sample_every == 0 or self.step == cfg.steps):
                 self.log_samples()
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or boundary.save or boundary.stop:
                 info = self.save_checkpoint(metrics)
+                self.stop.saved()
                 self.health.checkpoint_saved(self.step)
                 self.report({**metrics, "step": self.step}, info)
-                self.evaluator.after_checkpoint(self.step, info)
+                if not boundary.stop:
+                    self.evaluator.after_checkpoint(self.step, info)
+            if boundary.stop and self.step < cfg.steps:
+                self.status = "preempted"
+                break
 
+        self.stop.close()
         if self.status == "running":
             self.status = "finished"
-        self.evaluator.finish()  # rank 0: truncation sweep (eval.truncation_sweep), pending model registrations
+        if self.status != "preempted":  # a preempted run finishes these when it resumes and ends
+            self.evaluator.finish()  # rank 0: truncation sweep (eval.truncation_sweep), pending model registrations
         if self.rank == 0:
             healthy = self.store.newest_healthy()
             if self.status == "collapsed" and healthy and not self.store.labels().get("best"):
@@ -506,7 +504,8 @@ class Trainer:
                 "status": self.status,
                 "best_checkpoint": best["step"] if best else (healthy.step if healthy else "none"),
             })
-            print(f"[{self.status}] step {self.step} in {time.time() - start:.0f}s", flush=True)
+            why = f" ({preemption.reason()})" if self.status == "preempted" else ""
+            print(f"[{self.status}] step {self.step} in {time.time() - start:.0f}s{why}", flush=True)
         return {"status": self.status, "step": self.step, "rollbacks": self.rollbacks, "run_id": self.tracker.run_id}
 
     def _maybe_fail_once(self) -> None:
