@@ -238,9 +238,10 @@ def row_resubmit_after_driver_died(ctx: Context) -> Row:
 def _in_process_trainer(ctx: Context, **overrides):
     import torch
 
+    from data_prep.shard_format import read_manifest
     from pipeline import config as C
     from pipeline.checkpoint import CheckpointStore
-    from pipeline.data import build_loader, read_manifest
+    from pipeline.data import build_loader
     from pipeline.engines import init_single_process_group
     from pipeline.presets import get_preset
     from pipeline.tracking import Tracker
@@ -443,19 +444,11 @@ def _copy_shards(ctx: Context) -> Path:
     return dst
 
 
-def _rewrite_manifest(shards: Path, shard: Path) -> None:
-    import hashlib
-
-    path = shards / "manifest.json"
-    manifest = json.loads(path.read_text())
-    for entry in manifest.get("shards", []):
-        if isinstance(entry, dict) and Path(entry.get("path", entry.get("name", ""))).name == shard.name:
-            entry["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
-    path.write_text(json.dumps(manifest, indent=1))
-
-
 def _corrupt_one_jpeg(shards: Path) -> int:
-    """Rewrite one shard as a foreign writer would: one sample's JPEG truncated to garbage. Returns 1 (bad)."""
+    """Rewrite one shard as a foreign writer would: one sample's JPEG cut to garbage, a fresh index, the manifest's
+    digest updated (a writer that checks nothing). Returns the number of bad samples (1)."""
+    from data_prep.shard_format import sha256_file, write_index_file
+
     shard = sorted(shards.glob("*.tar"))[1]
     tmp = shard.with_suffix(".tmp")
     with tarfile.open(shard) as src, tarfile.open(tmp, "w") as dst:
@@ -467,11 +460,14 @@ def _corrupt_one_jpeg(shards: Path) -> int:
             member.size = len(data)
             dst.addfile(member, io.BytesIO(data))
     tmp.replace(shard)
-    for idx in shards.glob(f"{shard.stem}*.idx"):
-        idx.unlink()
-    if shutil.which("wds2idx"):
-        subprocess.run(["wds2idx", str(shard), str(shard.with_suffix(".idx"))], check=False, capture_output=True)
-    _rewrite_manifest(shards, shard)
+    path = shards / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for entry in manifest["shards"]:
+        if entry["name"] == shard.name:
+            if entry.get("index"):
+                write_index_file(str(shard), str(shards / entry["index"]))
+            entry["sha256"], entry["bytes"] = sha256_file(str(shard)), shard.stat().st_size
+    path.write_text(json.dumps(manifest, indent=1))
     return 1
 
 
