@@ -65,7 +65,9 @@ class Launch:
                     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
                     "MLFLOW_TRACKING_URI": ctx.tracking_uri, "BIGGAN_TRAINER_REGISTRY": str(ctx.work / "registry"),
                     **(env or {})}
-        full_env.pop("RAY_ADDRESS", None)
+        # an in-process row leaves this process's torch.distributed variables behind: not for the launch
+        for key in ("RAY_ADDRESS", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            full_env.pop(key, None)
         self.lines: list[tuple[float, str]] = []
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)
@@ -586,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             row = ROWS[name](ctx)
         except Exception as err:  # noqa: BLE001 - a row that breaks is a row that did not survive
+            print(f"[faults] {name} broke: {type(err).__name__}: {err}", flush=True)
             row = Row(name, False, note=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
         print(f"[faults] {name}: survived {_fmt(row.survived)} ({time.time() - t0:.0f}s) {row.note}", flush=True)
         rows.append(row)
