@@ -32,9 +32,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL from sysexits.h: a temporary failure, the same command will resume
@@ -104,11 +101,15 @@ class StopAgreement:
         self.every_s = every_minutes * 60.0
         self.last_save_t = time.monotonic()
         self.saves = 0  # commits so far; a time flag launched before the latest commit is stale
-        self._pending: tuple[object, torch.Tensor, int] | None = None
+        self._pending: tuple[object, object, int] | None = None
+        import torch.distributed as dist  # here, not at the top: the preStop command must start fast
+
         # a CPU group of its own: the flag never touches the GPU and never queues behind gradient all-reduces
         self.group = dist.new_group(backend="gloo") if world_size > 1 and dist.is_initialized() else None
 
-    def _local_flags(self) -> torch.Tensor:
+    def _local_flags(self):
+        import torch
+
         due = self.rank == 0 and self.every_s > 0 and time.monotonic() - self.last_save_t >= self.every_s
         return torch.tensor([1.0 if requested() else 0.0, 1.0 if due else 0.0])
 
@@ -122,6 +123,8 @@ class StopAgreement:
             out.stop = flags[0].item() > 0
             out.save = flags[1].item() > 0 and saves_then == self.saves
         flags = self._local_flags()
+        import torch.distributed as dist
+
         work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True) if self.group else None
         self._pending = (work, flags, self.saves)
         return out

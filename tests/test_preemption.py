@@ -22,7 +22,7 @@ def _start(tmp_path, shards, n, *overrides, registry=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
     if registry:
         env[preemption.REGISTRY_ENV] = str(registry)
-    sets = [a for o in ("train.log_every=1", "train.steps=12", "train.checkpoint_every=1000", *overrides)
+    sets = [a for o in ("train.log_every=1", "train.steps=30", "train.checkpoint_every=1000", *overrides)
             for a in ("--set", o)]
     return subprocess.Popen([sys.executable, SCRIPT, str(tmp_path), shards, str(n), *sets], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -44,7 +44,7 @@ def test_sigterm_stops_at_a_step_boundary_commits_and_the_rerun_resumes(tmp_path
     shards, n = digits_shards
     registry = tmp_path / "registry"
     proc = _start(tmp_path, shards, n, registry=registry)
-    _read_until(proc, "[step 3/12]")
+    _read_until(proc, "[step 3/30]")
     # what a Kubernetes preStop hook runs: signal every registered trainer on this host, wait for the commit
     hook = subprocess.run([sys.executable, "-m", "pipeline.preemption", "signal-local", "--wait", "120"],
                           env={**os.environ, "PYTHONPATH": str(ROOT), preemption.REGISTRY_ENV: str(registry)},
@@ -56,20 +56,20 @@ def test_sigterm_stops_at_a_step_boundary_commits_and_the_rerun_resumes(tmp_path
     seen = max(int(line.split("/")[0].split()[-1]) for line in rest.splitlines() if line.startswith("[step "))
     stopped = CheckpointStore(str(tmp_path / "ckpt")).latest().step
     assert stopped == seen, "the stop checkpoint is the last step trained: nothing done is lost"
-    assert stopped < 12 and "[preempted]" in rest and "SIGTERM" in rest
+    assert stopped < 30 and "[preempted]" in rest and "SIGTERM" in rest
     assert not list(registry.glob("*.json")), "the trainer unregisters when it has exited"
 
     again = _start(tmp_path, shards, n)
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out
-    assert f"[resume] from step {stopped}" in out and "[result] finished 12" in out
+    assert f"[resume] from step {stopped}" in out and "[result] finished 30" in out
 
 
 def test_sigint_then_time_cadence(tmp_path, digits_shards):
     """Ctrl-C is a preemption too; train.checkpoint_every_minutes commits on time, not only on steps."""
     shards, n = digits_shards
     proc = _start(tmp_path, shards, n, "train.checkpoint_every_minutes=0.0001")
-    _read_until(proc, "[step 4/12]")
+    _read_until(proc, "[step 4/30]")
     proc.send_signal(signal.SIGINT)
     out = proc.stdout.read()
     assert proc.wait(timeout=60) == preemption.EXIT_PREEMPTED, out
