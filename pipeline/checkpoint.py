@@ -143,6 +143,10 @@ class CheckpointStore:
         for path in {target, self.step_dir(step)}:
             if self.fs.exists(path) and self._read_committed(path) is None:
                 self.fs.rm(path, recursive=True)
+        if not self.local and self.fs.exists(f"{target}/{COMMIT_FILE}"):
+            # re-saving a committed step (the commit right after a rollback) writes into that very folder on a
+            # remote store: it stops being a checkpoint first, so old digests never describe new files
+            self.fs.rm(f"{target}/{COMMIT_FILE}")
         self.fs.makedirs(target, exist_ok=True)
 
     def publish(self, step: int, local_dir: Path, files: Iterable[str] | None = None) -> None:
@@ -177,10 +181,13 @@ class CheckpointStore:
         self._write_json(f"{target}/{COMMIT_FILE}", meta)
         if self.local:
             final = self.step_dir(step)
-            if os.path.exists(final):
-                shutil.rmtree(final)
+            replaced = f"{final}.replaced"
+            if os.path.exists(final):  # re-saving a committed step: the old copy goes only once the new is in place
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.replace(final, replaced)
             os.replace(target, final)
             _fsync_path(self._root_path, directory=True)
+            shutil.rmtree(replaced, ignore_errors=True)
         return CheckpointInfo(step, self.step_dir(step), meta)
 
     def _write_json(self, path: str, data: dict) -> None:

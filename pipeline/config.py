@@ -150,6 +150,7 @@ class TrainConfig:
     log_every: int = bounded(20, ge=1)
     sample_every: int = bounded(1000, ge=1)
     checkpoint_every: int = bounded(1000, ge=1)
+    checkpoint_every_minutes: float = bounded(0.0, ge=0)  # also commit when this much time passed since the last one; 0 = off
     keep_last: int = bounded(3, ge=0)  # checkpoints kept besides the best and the newest healthy one
     output_dir: str = "runs"  # local checkpoints and samples (per run subfolder)
     channels_last: bool = False  # NHWC images into D and G's convolutions (DeepSpeed keeps weights NCHW)
@@ -163,6 +164,7 @@ class ClusterConfig:
     cpus_per_worker: int = bounded(1, ge=1)
     storage_path: str = ""  # Ray Train storage (local path or s3://); "" = <output_dir>/ray
     max_failures: int = bounded(3, ge=0)  # restarts of the worker group from the last checkpoint
+    max_preemptions: int = bounded(100, ge=0)  # relaunches after workers were preempted (SIGTERM); these use no max_failures
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (one worker per node)
 
 
@@ -170,7 +172,7 @@ class ClusterConfig:
 class TrackingConfig:
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "biggan"
-    run_name: str = ""  # "" = <preset>-<timestamp>
+    run_name: str = ""  # the run's identity (resume key); "" = <preset>-<digest of what is trained> (pipeline/resume.py)
     retries: int = bounded(3, ge=1)  # attempts for a call the server answers 5xx/429 before it is dropped (counted)
     system_metrics_every: float = bounded(10.0, ge=0)  # seconds between MLflow system-metrics samples per node; 0 = off
 
@@ -181,6 +183,7 @@ class HealthConfig:
     every: int = bounded(10, ge=1)  # G steps between health checks
     window: int = bounded(50, ge=1)  # trailing checks forming each signal's history
     min_history: int = bounded(10, ge=1)  # checks needed before relative rules fire
+    warmup_steps: int = bounded(0, ge=0)  # G steps during which only non-finite values raise alarms (relative rules quiet)
     sigma_ratio: float = bounded(3.0, gt=1)  # alarm when G's first-layer sigma0 exceeds k x its trailing median
     d_sigma_ratio: float = bounded(3.0, gt=1)  # alarm when D's max sigma0 exceeds k x its trailing median
     d_loss_floor: float = bounded(0.02, ge=0)  # alarm when D's real+fake loss stays below this ...

@@ -75,6 +75,7 @@ class HealthMonitor:
             d.evidence = {k: str(watched[k]) for k in bad}
             return self._finish(d, signals)
 
+        warming_up = step < c.warmup_steps  # history is still gathered; only non-finite values alarm
         checks = []
         g_sigma = signals.get("sigma0_g_first")
         if g_sigma is not None:
@@ -88,7 +89,7 @@ class HealthMonitor:
             checks.append(("fid", signals["fid"], c.fid_ratio, "above"))
         for name, value, ratio, direction in checks:
             past = self._trailing(name)
-            if len(past) < c.min_history:
+            if len(past) < c.min_history or warming_up:
                 continue
             med = _median(past)
             fired = value > ratio * med if direction == "above" else value < ratio * med
@@ -99,7 +100,7 @@ class HealthMonitor:
                 break
 
         d_total = signals.get("d_loss_real", math.nan) + signals.get("d_loss_fake", math.nan)
-        if math.isfinite(d_total) and self.use_d_loss_floor:
+        if math.isfinite(d_total) and self.use_d_loss_floor and not warming_up:
             self.low_d_loss = self.low_d_loss + 1 if d_total < c.d_loss_floor else 0
             if not d.alarm and self.low_d_loss >= c.d_loss_patience:
                 d.alarm = True

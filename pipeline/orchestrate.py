@@ -3,6 +3,12 @@
 With RAY_ADDRESS set the job joins that cluster (what `ray job submit` does); without it an embedded local Ray
 runs the same code on this machine, on 127.0.0.1 only. A worker that dies makes Ray restart the whole group
 (FailureConfig), and every rank resumes from the newest committed checkpoint of this run.
+
+Preemption (pipeline/preemption.py): SIGTERM/SIGINT to the driver is posted on the run's stop board (a named
+Ray actor) that every worker polls; SIGTERM/SIGINT to a worker raises its own flag. Either way all ranks stop
+at the same step and commit. A driver that was signalled returns status `preempted`; one whose workers were
+signalled (a node drain) launches the group again, which resumes there: Ray's FailureConfig never sees a
+preemption, so preemptions use none of `cluster.max_failures` (at most `cluster.max_preemptions` relaunches).
 """
 
 from __future__ import annotations
@@ -11,15 +17,18 @@ import json
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
 
+from pipeline import preemption, resume
 from pipeline.config import ConfigError, RunConfig, from_dict
 from pipeline.ray_local import init_ray
 from pipeline.run_metadata import RunReview, source_tags
 from pipeline.tracking import default_tracking_uri
 
 log = logging.getLogger(__name__)
+
+# a collapsed run failed (the job reports failure); a preempted one is resumed by running the command again
+MLFLOW_STATUS = {"finished": "FINISHED", "collapsed": "FAILED", "preempted": "KILLED"}
 
 
 def run_paths(cfg: RunConfig) -> dict[str, str]:
@@ -33,8 +42,6 @@ def run_paths(cfg: RunConfig) -> dict[str, str]:
 
 def finalize(cfg: RunConfig) -> RunConfig:
     """Fill in what the driver decides once for every worker and retry: run name, tracking URI, class count."""
-    if not cfg.tracking.run_name:
-        cfg.tracking.run_name = f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg.tracking.tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri()
     if "://" not in cfg.data.shards:
         cfg.data.shards = str(Path(cfg.data.shards).resolve())  # workers run in another working directory
@@ -50,33 +57,68 @@ def finalize(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"model.resolution: {cfg.model.resolution} but the shards at {cfg.data.shards} are {manifest.resolution} px"
         )
+    if not cfg.tracking.run_name:  # after the data is resolved: the digest covers it
+        cfg.tracking.run_name = resume.default_run_name(cfg)
     return cfg
 
 
-def run_training(cfg: RunConfig, inject_collapse_at: int | None = None) -> dict:
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def run_training(cfg: RunConfig, inject_collapse_at: int | None = None, resume_policy: str = "auto") -> dict:
+    import ray
 
     cfg = finalize(cfg)
     paths = run_paths(cfg)
+    found = resume.check_policy(cfg, paths["checkpoints"], resume_policy)
     init_ray(dashboard=True)
+    preemption.install_handlers()  # after ray.init, which sets its own SIGTERM handler (exit at once)
+    board = preemption.open_board(cfg.tracking.run_name)
+    ray.get(board.clear.remote())  # a stop posted by an earlier driver of this run is not for this one
+    preemption.forward_to_board(board)
     job_id = os.environ.get("RAY_JOB_SUBMISSION_ID") or ray.get_runtime_context().get_job_id()
-    print(f"[run] {cfg.tracking.run_name}: checkpoints {paths['checkpoints']}, tracking {cfg.tracking.tracking_uri}", flush=True)
+    start = f"resuming from step {found.step}" if found else "starting"
+    print(f"[run] {cfg.tracking.run_name}: {start}; checkpoints {paths['checkpoints']}, "
+          f"tracking {cfg.tracking.tracking_uri}", flush=True)
+    train_config = {
+        "cfg": cfg.to_dict(), "paths": paths, "inject_collapse_at": inject_collapse_at,
+        "tags": {**source_tags(), "ray_job_id": job_id, "world_size": cfg.cluster.num_workers,
+                 "preset": cfg.preset},
+    }
+    relaunches = 0
+    with preemption.Registration(cfg.tracking.run_name, "driver"):
+        while True:
+            metrics = _fit_once(cfg, paths, train_config)
+            worker_preempted = metrics.get("status") == "preempted" and not preemption.requested()
+            if not worker_preempted or relaunches >= cfg.cluster.max_preemptions:
+                break
+            relaunches += 1
+            print(f"[preempt] workers were preempted at step {metrics.get('step')}; relaunching "
+                  f"({relaunches}/{cfg.cluster.max_preemptions}), resuming there", flush=True)
+    return {
+        "status": metrics.get("status", "unknown"),
+        "step": metrics.get("step"),
+        "rollbacks": metrics.get("rollbacks", 0),
+        "preempted_relaunches": relaunches,
+        "mlflow_run_id": metrics.get("mlflow_run_id"),
+        "run_name": cfg.tracking.run_name,
+        "checkpoints": paths["checkpoints"],
+        "tracking_uri": cfg.tracking.tracking_uri,
+    }
+
+
+def _fit_once(cfg: RunConfig, paths: dict, train_config: dict) -> dict:
+    """One Ray Train run of the worker group; its last report (the outcome) as a dict."""
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchTrainer
+
     trainer = TorchTrainer(
         train_loop_per_worker=worker_main,
-        train_loop_config={
-            "cfg": cfg.to_dict(), "paths": paths, "inject_collapse_at": inject_collapse_at,
-            "tags": {**source_tags(), "ray_job_id": job_id, "world_size": cfg.cluster.num_workers,
-                     "preset": cfg.preset},  # the driver's entry point and commit, for every worker's RunReview
-        },
+        train_loop_config=train_config,
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
             resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if cfg.cluster.use_gpu else {})},
             placement_strategy=cfg.cluster.placement_strategy,
         ),
-        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
+        torch_config=preemption.preemptible_torch_config("nccl" if cfg.cluster.use_gpu else "gloo"),
         run_config=RayRunConfig(
             name=cfg.tracking.run_name,
             storage_path=paths["storage"],
@@ -85,16 +127,7 @@ def run_training(cfg: RunConfig, inject_collapse_at: int | None = None) -> dict:
         ),
     )
     result = trainer.fit()
-    metrics = dict(result.metrics or {})
-    return {
-        "status": metrics.get("status", "unknown"),
-        "step": metrics.get("step"),
-        "rollbacks": metrics.get("rollbacks", 0),
-        "mlflow_run_id": metrics.get("mlflow_run_id"),
-        "run_name": cfg.tracking.run_name,
-        "checkpoints": paths["checkpoints"],
-        "tracking_uri": cfg.tracking.tracking_uri,
-    }
+    return dict(result.metrics or {})
 
 
 def worker_main(config: dict) -> None:
@@ -120,6 +153,8 @@ def worker_main(config: dict) -> None:
         torch.set_num_threads(cfg.cluster.cpus_per_worker)
     cfg.train.output_dir = paths["output_dir"]
     store = CheckpointStore(paths["checkpoints"])
+    registration = preemption.Registration(cfg.tracking.run_name, "worker", rank)  # for the preStop hook
+    preemption.watch_board(cfg.tracking.run_name)  # a stop posted by the driver
 
     def make_loader(epoch: int, offset: int, seed: int):
         return build_loader(
@@ -128,8 +163,8 @@ def worker_main(config: dict) -> None:
             flip=cfg.data.flip, num_threads=cfg.data.num_threads, start_epoch=epoch, start_offset=offset,
         )
 
-    resume = store.latest()
-    run_id = resume.meta.get("mlflow_run_id") if resume else None
+    start_from = resume.choose(store, rank, world, device)  # rank 0 picks, every rank loads the same one
+    run_id = start_from.meta.get("mlflow_run_id") if start_from else None
     tracker = Tracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name, run_id=run_id,
                       enabled=rank == 0, retries=cfg.tracking.retries)
 
@@ -151,10 +186,12 @@ def worker_main(config: dict) -> None:
         class_names=read_manifest(cfg.data.shards).classes,
         report=report, inject_collapse_at=config.get("inject_collapse_at"),
     )
-    if resume is not None:
-        resume = trainer.restore()  # the newest good one: a corrupt newest is quarantined, the one before used
-        if rank == 0 and resume is not None:
-            print(f"[resume] from step {resume.step} ({resume.path})", flush=True)
+    if start_from is not None:
+        # the newest good one: a corrupt newest is quarantined on every rank and the one before it used
+        resumed = trainer.restore()
+        if rank == 0 and resumed is not None:
+            print(f"[resume] from step {resumed.step} ({resumed.path})", flush=True)
+            tracker.set_status("RUNNING")  # a preempted or crashed run was marked KILLED or FAILED
     nodes = [None] * world
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if rank == 0:
@@ -169,6 +206,7 @@ def worker_main(config: dict) -> None:
     finally:
         review.end(trainer.status, trainer.step)
         if rank == 0:
-            tracker.set_status("FINISHED" if trainer.status in ("finished", "collapsed") else "FAILED")
-            tracker.close()
+            tracker.set_status(MLFLOW_STATUS.get(trainer.status, "FAILED"))
+            tracker.close()  # flushes what is queued: a preempted run's last metrics are sent before it exits
+        registration.close()
     report(result, store.latest(), status=trainer.status)  # the run's outcome is the last report Ray keeps

@@ -103,15 +103,14 @@ class Snapshot:
         t = self.trainer = trainer
         for engine in (t.g_engine, t.d_engine):
             load_weights_only(engine)
-        # loaded in this order (data_seed before data_position: reopening the loader uses it)
+        # loaded in this order (recovery, which holds the data seed, before data_position: reopening the loader uses it)
         self.shared: dict[str, Part] = {
             "step": Part(lambda: t.step, _set(t, "step")),
             "d_steps_done": Part(lambda: t.d_steps_done, _set(t, "d_steps_done")),
-            "rollbacks": Part(lambda: t.rollbacks),
             "ema": Part(t.ema.state_dict, t.ema.load_state_dict),
-            "data_seed": Part(lambda: t.data_seed, _set(t, "data_seed")),
+            # rollback budget spent and mitigation in force (lr scale, R1 gamma, data seed): before the loader
+            "recovery": Part(t.recovery_state, t.load_recovery_state),
             "data_position": Part(lambda: t.loader.state(), self._load_data_position),
-            "r1_gamma": Part(lambda: t.cfg.loss.r1_gamma, _set(t.cfg.loss, "r1_gamma")),
             "mlflow_run_id": Part(lambda: t.tracker.run_id, self._load_run_id),
             "health": Part(t.health.state_dict, t.health.load_state_dict),
             "config": Part(t.cfg.to_dict),

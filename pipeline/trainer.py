@@ -18,7 +18,7 @@ import torch.distributed as dist
 import models
 from models.regularization import orthogonal_penalty
 from models.spectral import SpectralNorm, first_layer_sigma0, sigma0s
-from pipeline import drills, losses, tricks
+from pipeline import drills, losses, preemption, tricks
 from pipeline.augment import augment_generator, diff_augment
 from pipeline.checkpoint import CheckpointInfo, CheckpointStore
 from pipeline.config import RunConfig, grad_accumulation_steps
@@ -26,8 +26,10 @@ from pipeline.cross_replica import install_cross_replica_bn
 from pipeline.ema import EMA
 from pipeline.engines import build_engines, fp32_master_slices, use_bf16
 from pipeline.finetune import init_generator_from
-from pipeline.health import HealthMonitor, apply_mitigation
+from pipeline.health import HealthMonitor
 from pipeline.placement import check_placement
+from pipeline.preemption import StopAgreement
+from pipeline.recovery import Recovery
 from pipeline.snapshot import Snapshot
 from pipeline.tracking import Tracker
 
@@ -99,8 +101,8 @@ class Trainer:
 
         self.step = 0  # G steps done
         self.d_steps_done = 0
-        self.rollbacks = 0
-        self.rollback_log: list[tuple[int, int]] = []  # (from step, restored step)
+        self.recovery = Recovery(self)  # rollback count and mitigation state, kept across restarts
+        self.stop = StopAgreement(rank, world_size, cfg.train.checkpoint_every_minutes)  # preemption, time cadence
         self.injected = False
         self.status = "running"
         self.fail_once_at: tuple[int, Path] | None = None  # (step, flag file): a drill for worker restarts
@@ -263,6 +265,9 @@ class Trainer:
             t /= self.world_size
         return dict(zip(keys, t.tolist()))
 
+    def clear_metrics(self) -> None:
+        self._sums, self.data_wait = {}, 0.0
+
     def take_metrics(self) -> dict[str, float]:
         means = {k: self._sums[k] / self._sums[k + "__n"] for k in self._sums if not k.endswith("__n")}
         self._sums = {}
@@ -284,6 +289,20 @@ class Trainer:
         return {**g, **d}
 
     # -- checkpoints -------------------------------------------------------------------------------------------
+    def recovery_state(self) -> dict:
+        return self.recovery.state_dict()
+
+    def load_recovery_state(self, state: dict) -> None:
+        self.recovery.load_state_dict(state)
+
+    @property
+    def rollbacks(self) -> int:
+        return self.recovery.rollbacks
+
+    @property
+    def rollback_log(self) -> list[tuple[int, int]]:
+        return self.recovery.log
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
@@ -313,36 +332,9 @@ class Trainer:
         """The newest good checkpoint on every rank (corrupt ones quarantined); None if there is none."""
         return self.snapshot.restore(before=before, healthy=healthy)
 
-    # -- collapse drill and rollback -----------------------------------------------------------------------------
+    # -- collapse drill -----------------------------------------------------------------------------
     def inject_collapse(self) -> None:
         drills.inject_collapse(self)
-
-    def rollback(self, decision) -> bool:
-        """Restore the newest healthy checkpoint before the onset on every rank; False if there is none left."""
-        if self.rollbacks >= self.cfg.health.max_rollbacks:
-            return False
-        from_step, rollbacks = self.step, self.rollbacks + 1
-        restored = self.restore(before=decision.onset_step + 1, healthy=True)
-        if restored is None:
-            return False
-        step = restored.step
-        self.rollbacks = rollbacks
-        self.rollback_log.append((from_step, step))
-        self.barrier()
-        if self.rank == 0:
-            self.store.forget_after(step)
-        self.barrier()
-        done = apply_mitigation(self, self.cfg.health.mitigation, self.rollbacks)
-        self.health.reset_after_rollback()
-        if self.rank == 0:
-            print(f"[health] rolled back from step {from_step} to {step}; mitigation: {', '.join(done)}", flush=True)
-        self.tracker.log_metrics({"rollbacks": self.rollbacks}, step=from_step)
-        self.tracker.log_text(
-            decision.explain() + f"\nrolled back from step {from_step} to step {step}\nmitigation: {done}\n",
-            f"rollbacks/rollback_{self.rollbacks:02d}_step_{from_step:08d}.txt",
-        )
-        self.tracker.set_tags({f"rollback.{self.rollbacks}": f"step {from_step} -> {step}: {decision.reason}"})
-        return True
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def log_samples(self) -> None:
@@ -388,11 +380,13 @@ class Trainer:
             log.info("training from step %d to %d on %d worker(s)", self.step, cfg.steps, self.world_size)
         start, last_log_t, last_log_step = time.time(), time.time(), self.step
         metrics: dict[str, float] = {}
+        self.recovery.ensure_initial_checkpoint()  # a place to return to before the first healthy checkpoint
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             self.train_iteration()
             step_time = time.perf_counter() - t0
             self._maybe_fail_once()
+            boundary = self.stop.check()  # agreed by every rank: preempted? time-based checkpoint due?
 
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 metrics = self.take_metrics()
@@ -424,10 +418,13 @@ class Trainer:
                 if decision.alarm:
                     if self.rank == 0:
                         print(f"[health] collapse at step {self.step}: {decision.reason}", flush=True)
-                    if not self.rollback(decision):
+                    if not self.recovery.recover(decision):  # commits a checkpoint after rolling back
                         self.status = "collapsed"
                         break
                     last_log_t, last_log_step = time.time(), self.step
+                    if boundary.stop:  # the rollback's checkpoint is the one to resume from
+                        self.status = "preempted"
+                        break
                     continue
                 for step in self.health.newly_healthy():
                     if self.rank == 0:
@@ -435,16 +432,23 @@ class Trainer:
 
             if self.rank == 0 and (self.step % cfg.sample_every == 0 or self.step == cfg.steps):
                 self.log_samples()
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or boundary.save or boundary.stop:
                 info = self.save_checkpoint(metrics)
+                self.stop.saved()
                 self.health.checkpoint_saved(self.step)
                 self.report({**metrics, "step": self.step}, info)
-                self.evaluator.after_checkpoint(self.step, info)
+                if not boundary.stop:
+                    self.evaluator.after_checkpoint(self.step, info)
+            if boundary.stop and self.step < cfg.steps:
+                self.status = "preempted"
+                break
 
+        self.stop.close()
         if self.status == "running":
             self.status = "finished"
-        self.ema.ready()
-        self.evaluator.finish()  # every rank: truncation sweep (eval.truncation_sweep); rank 0: pending registrations
+        if self.status != "preempted":  # a preempted run finishes these when it resumes and ends
+            self.ema.ready()
+            self.evaluator.finish()  # every rank: truncation sweep (eval.truncation_sweep); rank 0: pending registrations
         if self.rank == 0:
             healthy = self.store.newest_healthy()
             if self.status == "collapsed" and healthy and not self.store.labels().get("best"):
@@ -454,7 +458,8 @@ class Trainer:
                 "status": self.status,
                 "best_checkpoint": best["step"] if best else (healthy.step if healthy else "none"),
             })
-            print(f"[{self.status}] step {self.step} in {time.time() - start:.0f}s", flush=True)
+            why = f" ({preemption.reason()})" if self.status == "preempted" else ""
+            print(f"[{self.status}] step {self.step} in {time.time() - start:.0f}s{why}", flush=True)
         return {"status": self.status, "step": self.step, "rollbacks": self.rollbacks, "run_id": self.tracker.run_id}
 
     def _maybe_fail_once(self) -> None:

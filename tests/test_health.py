@@ -95,7 +95,7 @@ def test_injected_collapse_is_detected_and_rolled_back(tmp_path, digits_shards):
     # sigma0 is refreshed by the next training forward, so the check at 22 sees the jump; the last quiet
     # check was at 20 (the onset), and checkpoint 16 had passed its quiet window (checks 18, 20) by then
     assert trainer.rollback_log == [(22, 16)]
-    assert trainer.store.labels()["healthy"][:4] == [4, 8, 12, 16]
+    assert trainer.store.labels()["healthy"][:5] == [0, 4, 8, 12, 16]  # 0: the initial weights
     # health returned: checkpoints after the rollback became healthy again
     assert max(trainer.store.labels()["healthy"]) >= 24
     for group in trainer.d_engine.optimizer.param_groups:  # the injected D lr x100 is gone, then halved

@@ -1,0 +1,96 @@
+"""Preemption end to end on an embedded local Ray (127.0.0.1): SIGTERM to a worker of a 2-worker run, then to
+the driver, then the same command again. Run under the Ray lock (`flock /tmp/ray-tests.lock pytest ...`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import preemption
+from pipeline.checkpoint import CheckpointStore
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+TINY = ["--set", "model.g_ch=4", "--set", "model.d_ch=4", "--set", "model.dim_z=16", "--set", "model.shared_dim=8",
+        "--set", "data.batch_size=8", "--set", "train.global_batch=16", "--set", "data.backend=wds",
+        "--set", "train.log_every=1", "--set", "train.sample_every=1000", "--set", "train.checkpoint_every=1000",
+        "--set", "health.enabled=false"]
+
+
+def _launch(tmp_path, shards, steps: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", preemption.REGISTRY_ENV: str(tmp_path / "reg")}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "launch/demo.py", "--data", shards, *TINY, "--set", f"train.steps={steps}",
+           "--set", f"train.output_dir={tmp_path / 'runs'}", "--run-name", "preempt-e2e"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _until(proc, marker: str, log: list[str], timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        log.append(line)
+        if marker in line:
+            return
+    raise AssertionError(f"{marker!r} not seen:\n{''.join(log[-40:])}")
+
+
+def _worker_pids(tmp_path) -> dict[int, int]:
+    out = {}
+    for f in (tmp_path / "reg").glob("*.json"):
+        e = json.loads(f.read_text())
+        if e["role"] == "worker":
+            out[e["rank"]] = e["pid"]
+    return out
+
+
+def test_sigterm_to_a_worker_then_the_driver_and_the_rerun_resumes_the_same_mlflow_run(tmp_path, digits_shards):
+    shards, _ = digits_shards
+    log: list[str] = []
+    proc = _launch(tmp_path, shards, steps=14)
+    try:
+        _until(proc, "[step 3/14]", log)
+        deadline = time.time() + 30
+        while len(_worker_pids(tmp_path)) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        os.kill(_worker_pids(tmp_path)[1], signal.SIGTERM)  # a node drain of one worker: not a failure
+        _until(proc, "relaunching", log)
+        _until(proc, "[resume] from step", log)
+        _until(proc, "[step", log)
+        os.kill(proc.pid, signal.SIGTERM)  # the driver: the job is being stopped
+        log.append(proc.stdout.read())
+        assert proc.wait(timeout=120) == preemption.EXIT_PREEMPTED, "".join(log[-60:])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(log)
+    assert '"status": "preempted"' in out and '"preempted_relaunches": 1' in out
+    store = CheckpointStore(str(tmp_path / "runs" / "preempt-e2e" / "checkpoints"))
+    stopped = store.latest().step
+    assert 3 < stopped < 14
+
+    again = _launch(tmp_path, shards, steps=14)
+    rest, _ = again.communicate(timeout=400)
+    assert again.returncode == 0, rest[-4000:]
+    assert f"[resume] from step {stopped}" in rest and "[finished] step 14" in rest
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("biggan")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`biggan.run_name` = 'preempt-e2e'")
+    assert len(runs) == 1, "a preempted run resumes in the same MLflow run"
+    steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "g_loss")})
+    assert steps == list(range(1, 15)), steps  # every step logged once the run is whole: nothing lost, no gap
+    assert runs[0].data.tags["status"] == "finished" and runs[0].info.status == "FINISHED"
+    assert Path(tmp_path / "reg").is_dir() and not list((tmp_path / "reg").glob("*.json"))
