@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline import resume
-from pipeline.checkpoint import CheckpointStore
+from pipeline.checkpoint import CheckpointStore, digests
 from pipeline.cli import main
 from pipeline.presets import get_preset
 
@@ -18,7 +18,7 @@ def _commit(root, step: int) -> CheckpointStore:
     torch.save({"step": step}, staging / "trainer.pt")
     store.begin(step)
     store.publish(step, staging)
-    store.commit(step, {"mlflow_run_id": "abc"})
+    store.commit(step, digests(staging), {"mlflow_run_id": "abc"})
     return store
 
 
