@@ -345,13 +345,18 @@ def row_unreadable_labels(ctx: Context) -> Row:
     labels.unlink()
     labels.mkdir()  # reading it now fails with an error that is not "not found"
     again.wait_for(r"\[step 14/", timeout=300)
+    # judged while the file is unreadable: once it reads again, newer healthy checkpoints may rightly retire it
+    kept = protected in [c.step for c in store.list()] if protected is not None else False
     labels.rmdir()
     labels.write_bytes(saved)
     rc = again.wait()
-    kept = protected in [c.step for c in store.list()] if protected is not None else False
-    return Row("unreadable labels.json", rc == 0 and kept, 0, 0, None,
+    final = store.labels()
+    newest = max(final["healthy"]) if final.get("healthy") else None
+    held = newest is not None and newest in [c.step for c in store.list()]
+    return Row("unreadable labels.json", rc == 0 and kept and held, 0, 0, None,
                f"exit {rc}; newest healthy checkpoint before the fault (step {protected}) "
-               f"{'kept' if kept else 'DELETED'}")
+               f"{'kept' if kept else 'DELETED'} while unreadable; at the end newest healthy {newest} "
+               f"{'present' if held else 'MISSING'}")
 
 
 def row_planted_pickle(ctx: Context) -> Row:

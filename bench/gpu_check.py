@@ -85,18 +85,9 @@ class Skip(Exception):
 
 
 def fingerprint(trainer) -> dict[str, torch.Tensor]:
-    """Every number a resumed run must reproduce: weights, buffers, EMA, optimizer moments and steps."""
-    out = {}
-    for prefix, module in (("G", trainer.G), ("D", trainer.D), ("EMA", trainer.ema.ready())):
-        for k, v in module.state_dict().items():
-            out[f"{prefix}.{k}"] = v.detach().clone()
-    for prefix, engine in (("optG", trainer.g_engine), ("optD", trainer.d_engine)):
-        opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
-        for i, state in enumerate(opt.state.values()):
-            for k, v in state.items():
-                if torch.is_tensor(v):
-                    out[f"{prefix}.{i}.{k}"] = v.detach().clone()
-    return out
+    from pipeline.snapshot import state_fingerprint
+
+    return state_fingerprint(trainer, ema=trainer.ema.ready())
 
 
 def differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[list[str], float]:

@@ -269,3 +269,19 @@ class Snapshot:
                 t.store.quarantine(step, reason)
                 tag(step, reason)
             self._barrier()
+
+
+def state_fingerprint(trainer: Trainer, ema: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Every number an exact resume must reproduce: weights, buffers, EMA G (`ema`, default the trainer's copy as
+    it stands) and the optimizers' moments and steps. For comparing two runs; nothing here is saved."""
+    out = {}
+    for prefix, module in (("G", trainer.G), ("D", trainer.D), ("EMA", trainer.ema.model if ema is None else ema)):
+        for k, v in module.state_dict().items():
+            out[f"{prefix}.{k}"] = v.detach().clone()
+    for prefix, engine in (("optG", trainer.g_engine), ("optD", trainer.d_engine)):
+        opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        for i, state in enumerate(opt.state.values()):
+            for k, v in state.items():
+                if torch.is_tensor(v):
+                    out[f"{prefix}.{i}.{k}"] = v.detach().clone()
+    return out
