@@ -59,7 +59,6 @@ class Recovery:
         if not t.cfg.health.enabled or t.step != 0 or t.store.list():
             return
         t.save_checkpoint({})
-        t.stop.saved()
         if t.rank == 0:
             t.store.mark_healthy(0)
 
@@ -129,7 +128,6 @@ class Recovery:
         """Persist the rollback at once: a restart must not get the budget back or forget the mitigation."""
         t = self.t
         info = t.save_checkpoint({})
-        t.stop.saved()
         t.report({"step": t.step, "rollbacks": self.rollbacks}, info)
 
     def _record(self, decision, step: int, what: str, done: list[str], tag: str) -> None:

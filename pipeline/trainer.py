@@ -309,7 +309,9 @@ class Trainer:
 
     def save_checkpoint(self, metrics: dict | None = None) -> CheckpointInfo:
         self.ema.ready()  # collective: the whole average, with its own spectral norms
-        return self.snapshot.save(metrics)
+        info = self.snapshot.save(metrics)
+        self.stop.saved()  # the time cadence counts from every committed checkpoint, whatever asked for it
+        return info
 
     def open_loader(self, epoch: int, offset: int, **faults) -> None:
         """(Re)start the data stream at a position, with the current data seed."""
@@ -434,7 +436,6 @@ class Trainer:
                 self.log_samples()
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or boundary.save or boundary.stop:
                 info = self.save_checkpoint(metrics)
-                self.stop.saved()
                 self.health.checkpoint_saved(self.step)
                 self.report({**metrics, "step": self.step}, info)
                 if not boundary.stop:
