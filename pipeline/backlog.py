@@ -1,5 +1,10 @@
 """A first-in first-out queue of tracking calls that is bounded in memory: what does not fit spills to a local
-JSON-lines file and comes back in order; past the file's limit new calls are dropped and counted."""
+JSON-lines file and comes back in order; past the file's limit new calls are dropped and counted.
+
+What is still unsent when the tracker closes (the server stayed away longer than it waited) is kept:
+`keep` writes it to a JSON-lines file in order, and a tracker of the same run that starts later `adopt`s that
+file and sends it first, so an outage at the end of a run loses nothing that can be written down.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,14 @@ from collections import deque
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def _line(item: tuple[str, tuple]) -> bytes | None:
+    """One call as a JSON line; None for a call whose arguments JSON cannot hold (e.g. dataset inputs)."""
+    try:
+        return (json.dumps([item[0], list(item[1])]) + "\n").encode()
+    except (TypeError, ValueError):
+        return None
 
 
 class Backlog:
@@ -39,7 +52,12 @@ class Backlog:
                         len(self.memory), self.spilled)
 
     def _spill(self, item: tuple[str, tuple]) -> bool:
-        line = (json.dumps([item[0], list(item[1])]) + "\n").encode()
+        line = _line(item)
+        if line is None:  # cannot be written down: it waits in memory, in its place (such calls are rare)
+            if not self.spilled:
+                self.memory.append(item)
+                return True
+            return False
         size = self.spill_path.stat().st_size if self.spill_path.exists() else 0
         if size + len(line) > self.max_spill_bytes:
             return False
@@ -65,6 +83,50 @@ class Backlog:
         self.spilled, self._read_at = 0, 0
         if self.spill_path is not None and self.spill_path.exists():
             os.unlink(self.spill_path)
+        return n
+
+    def keep(self, path: str | Path) -> tuple[int, int]:
+        """Write every call still queued, in order, to `path` (appended after what it holds) and empty the
+        backlog. Returns (calls kept, calls that could not be written down)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = lost = 0
+        with open(path, "ab") as out:
+            for item in self.memory:
+                line = _line(item)
+                if line is None:
+                    lost += 1
+                else:
+                    out.write(line)
+                    kept += 1
+            if self.spilled:
+                with open(self.spill_path, "rb") as f:
+                    f.seek(self._read_at)
+                    for line in f:
+                        out.write(line)
+                        kept += 1
+            out.flush()
+            os.fsync(out.fileno())
+        self.clear()
+        return kept, lost
+
+    def adopt(self, path: str | Path) -> int:
+        """Queue, in order and ahead of anything appended later, the calls a closed tracker kept in `path`
+        (see `keep`); the file is consumed. Returns how many."""
+        path = Path(path)
+        try:
+            lines = path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return 0
+        n = 0
+        for raw in lines:
+            try:
+                op, args = json.loads(raw)
+            except (json.JSONDecodeError, ValueError, TypeError):
+                continue  # a torn last line from a kill while keeping
+            self.append((op, tuple(args)))
+            n += 1
+        os.unlink(path)
         return n
 
     def _refill(self) -> None:

@@ -174,6 +174,8 @@ class TrackingConfig:
     experiment: str = "biggan"
     run_name: str = ""  # the run's identity (resume key); "" = <preset>-<digest of what is trained> (pipeline/resume.py)
     retries: int = bounded(3, ge=1)  # attempts for a call the server answers 5xx/429 before it is dropped (counted)
+    retry_max_wait_s: float = bounded(30.0, gt=0)  # longest back-off between tries while the server is unreachable
+    flush_timeout_s: float = bounded(300.0, ge=0)  # the end of a run waits this long for queued calls; the rest is kept in the run's folder and sent by its next start
     system_metrics_every: float = bounded(10.0, ge=0)  # seconds between MLflow system-metrics samples per node; 0 = off
 
 

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # a collapsed run failed (the job reports failure); a preempted one is resumed by running the command again
 MLFLOW_STATUS = {"finished": "FINISHED", "collapsed": "FAILED", "preempted": "KILLED"}
+PREEMPTED_FLUSH_S = 20.0  # a preempted worker's wait for tracking: within the pod's grace period after the save
 
 
 def run_paths(cfg: RunConfig) -> dict[str, str]:
@@ -166,7 +167,8 @@ def worker_main(config: dict) -> None:
     start_from = resume.choose(store, rank, world, device)  # rank 0 picks, every rank loads the same one
     run_id = start_from.meta.get("mlflow_run_id") if start_from else None
     tracker = Tracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name, run_id=run_id,
-                      enabled=rank == 0, retries=cfg.tracking.retries)
+                      enabled=rank == 0, retries=cfg.tracking.retries, max_wait=cfg.tracking.retry_max_wait_s,
+                      state_dir=paths["output_dir"])  # spill and unsent calls in the run's folder
 
     def report(metrics: dict, info, status: str = "running") -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -207,6 +209,9 @@ def worker_main(config: dict) -> None:
         review.end(trainer.status, trainer.step)
         if rank == 0:
             tracker.set_status(MLFLOW_STATUS.get(trainer.status, "FAILED"))
-            tracker.close()  # flushes what is queued: a preempted run's last metrics are sent before it exits
+            # what is queued goes out (a preempted run's last metrics too); what the server does not take in
+            # time stays in the run's folder for its next start. A preempted pod has a grace period to keep.
+            flush_s = cfg.tracking.flush_timeout_s
+            tracker.close(timeout=min(flush_s, PREEMPTED_FLUSH_S) if trainer.status == "preempted" else flush_s)
         registration.close()
     report(result, store.latest(), status=trainer.status)  # the run's outcome is the last report Ray keeps

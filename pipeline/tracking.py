@@ -9,8 +9,13 @@ Failures are sorted by what they mean:
 A dropped call is counted (`tracking/dropped`, sent with the next metrics) and logged once per kind of
 failure. A run deleted under us is replaced by a new run of the same name, tagged with the old id, and
 the call is sent there. The queue is bounded in memory: beyond `max_pending` calls it spills to a local file
-and replays in order; past the file's limit new calls are dropped and counted. Files handed over with
-`log_artifact(..., delete_after=True)` are deleted only once their upload succeeded.
+(under the run's folder, `state_dir`) and replays in order; past the file's limit new calls are dropped and
+counted. Files handed over with `log_artifact(..., delete_after=True)` are deleted only once their upload
+succeeded.
+
+Closing waits for the queue up to a bound. What the server did not take by then is not dropped: with a
+`state_dir` it is written to `<state_dir>/tracking-unsent.jsonl`, and the next tracker of the run (a restart,
+a resume, the same command run again) sends it first, in order.
 
 One MLflow run per training job: a restarted worker group reopens the run whose id the checkpoint carries,
 or finds it by the job's run name.
@@ -35,6 +40,8 @@ log = logging.getLogger(__name__)
 RUN_NAME_TAG = "biggan.run_name"
 REPLACES_TAG = "biggan.replaces_run"  # on a run made because the job's run was deleted: the deleted run's id
 MAX_PENDING = 10_000  # calls kept in memory; more spill to a local file
+UNSENT_FILE = "tracking-unsent.jsonl"  # in state_dir: calls a closed tracker could not send
+_RETRY, _STOP, _ABANDON = "retry", "stop", "abandon"  # words to the sender thread (calls are tuples)
 
 
 def default_tracking_uri(cwd: str | None = None) -> str:
@@ -95,6 +102,7 @@ class Tracker:
         max_wait: float = 30.0,
         max_pending: int = MAX_PENDING,
         spill_path: str | Path | None = None,
+        state_dir: str | Path | None = None,
     ):
         self.enabled = enabled
         self.tracking_uri = tracking_uri
@@ -110,17 +118,23 @@ class Tracker:
         self._dropped_kinds: set[tuple[str, str]] = set()
         self._params: dict[str, str] = {}  # everything logged as params: re-sent to a replacement run
         self._last_step = 0
+        self.unsent_path = Path(state_dir) / UNSENT_FILE if state_dir else None
         if spill_path is None and enabled:
-            spill_path = Path(tempfile.gettempdir()) / f"biggan-tracking-{os.getpid()}-{id(self):x}.jsonl"
+            spill_dir = Path(state_dir) if state_dir else Path(tempfile.gettempdir())
+            spill_path = spill_dir / f"biggan-tracking-spill-{os.getpid()}-{id(self):x}.jsonl"
         self._backlog = Backlog(spill_path, max_memory=max_pending)
         self._head_attempts = 0
         self._wait = retry_wait
+        self._retry_at = 0.0  # no attempt before this (the back-off); flush() and close() try at once
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._client = None
         self._thread = None
         if enabled:
             quiet_http_retries()
+            if self.unsent_path is not None and (n := self._backlog.adopt(self.unsent_path)):
+                log.warning("mlflow: %d tracking calls an earlier tracker of this run could not send: sending "
+                            "them first", n)
             self._thread = threading.Thread(target=self._loop, name="mlflow-tracker", daemon=True)
             self._thread.start()
             self._queue.put(("_ensure_run", ()))
@@ -164,7 +178,7 @@ class Tracker:
         """Wait until everything queued has been sent or dropped (True) or the timeout passes (False)."""
         if not self.enabled:
             return True
-        self._queue.put("retry")  # do not sit out a back-off: try now
+        self._queue.put(_RETRY)  # do not sit out a back-off: try now
         deadline = time.time() + timeout
         while time.time() < deadline:
             with self._lock:
@@ -176,12 +190,17 @@ class Tracker:
         return False
 
     def close(self, timeout: float = 60.0) -> None:
+        """Wait up to `timeout` for the queue to go out; what is left is kept for the run's next tracker
+        (with a state_dir), else dropped and counted."""
         if self.enabled and self._thread is not None:
             if self.dropped != self._dropped_sent:
                 self.log_metrics({}, self._last_step)  # carries tracking/dropped
-            self.flush(timeout)
-            self._queue.put(None)
-            self._thread.join(timeout=5)
+            sent = self.flush(timeout)
+            self._queue.put(_STOP if sent else _ABANDON)  # abandon: no further attempt, keep what is left
+            # an attempt in flight ends within MLflow's request timeout (quiet_http_retries)
+            self._thread.join(timeout=30)
+            if self._thread.is_alive():
+                log.warning("mlflow: the tracking thread did not end; %d calls may be lost", self.pending)
 
     # -- the sender thread -------------------------------------------------------------------------------------
     _busy = False
@@ -190,37 +209,45 @@ class Tracker:
         if self.enabled:
             self._queue.put((op, args))
 
-    def _take_queued(self, first) -> bool:
-        """Move what was queued into the backlog; False when close() asked the thread to end."""
-        item, more = first, True
-        while more:
-            if item is None:
-                return False
-            if item != "retry":
+    def _take_queued(self, first) -> set[str]:
+        """Move what was queued into the backlog; returns the control words seen (_RETRY, _STOP, _ABANDON)."""
+        item, seen = first, set()
+        while True:
+            if isinstance(item, str):
+                seen.add(item)
+                if item != _RETRY:
+                    return seen  # close(): nothing is queued after it
+            else:
                 self._backlog.append(item)
                 self.dropped += self._backlog.dropped  # a full backlog refuses new calls
                 self._backlog.dropped = 0
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                more = False
-        return True
+                return seen
 
     def _loop(self) -> None:
         while True:
+            wait = max(0.0, self._retry_at - time.time()) if len(self._backlog) else None
             try:
-                item = self._queue.get(timeout=self._wait if len(self._backlog) else None)
+                item = self._queue.get(timeout=wait)
             except queue.Empty:
-                item = "retry"
+                item = _RETRY
             with self._lock:
                 self._busy = True
-                running = self._take_queued(item)
+                seen = self._take_queued(item)
             try:
-                self._drain(final=not running)
+                if _ABANDON in seen:
+                    self._give_up()
+                    return
+                if seen:
+                    self._retry_at = 0.0
+                if time.time() >= self._retry_at:  # new calls during a back-off just join the queue
+                    self._drain(final=_STOP in seen)
             finally:
                 with self._lock:
                     self._busy = False
-            if not running:
+            if _STOP in seen:
                 return
 
     def _drain(self, final: bool = False) -> None:
@@ -229,13 +256,25 @@ class Tracker:
             outcome = self._attempt(op, args)
             if outcome == "wait":
                 if final:
-                    n = self._backlog.clear()
-                    self.dropped += n
-                    log.warning("mlflow: giving up on %d unsent tracking calls at %s", n, self.tracking_uri)
+                    self._give_up()
+                self._retry_at = time.time() + self._wait
                 return  # the loop comes back after the back-off
             with self._lock:
                 self._backlog.pop()
             self._head_attempts, self._wait = 0, self.retry_wait
+
+    def _give_up(self) -> None:
+        """Closing with calls the server has not taken: keep them for the run's next tracker, or drop them."""
+        if self.unsent_path is None:
+            n = self._backlog.clear()
+            self.dropped += n
+            log.warning("mlflow: giving up on %d unsent tracking calls at %s", n, self.tracking_uri)
+            return
+        kept, lost = self._backlog.keep(self.unsent_path)
+        self.dropped += lost
+        log.warning("mlflow: %s unreachable at close: %d tracking calls kept in %s (the next start of this run "
+                    "sends them: run the same command again)%s", self.tracking_uri, kept, self.unsent_path,
+                    f"; {lost} that cannot be written down dropped" if lost else "")
 
     def _attempt(self, op: str, args: tuple) -> str:
         """Send one call: "done" (sent or dropped for good) or "wait" (retry it after the back-off)."""

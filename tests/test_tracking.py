@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.backlog import Backlog
 from pipeline.tracking import REPLACES_TAG, Tracker
-from tests.conftest import MlflowServer
+from tests.conftest import MlflowServer, free_port
 
 
 def test_one_run_per_job_reopened_by_name(mlflow_server):
@@ -69,6 +69,60 @@ def test_server_outage_warns_retries_and_keeps_going(tmp_path, caplog):
     assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/samples_00000011.png"]
     assert not sample.exists() and not spill.exists()
     server.stop()
+
+
+def test_an_outage_past_the_retry_cap_and_the_close_loses_nothing(mlflow_server, tmp_path, caplog):
+    """The server is unreachable (nothing listens on its port) for longer than the back-off cap and still at
+    the end of the run: the close is bounded, nothing is dropped, the unsent calls wait in the run's folder
+    and the run's next start, with the server reachable, sends them in order."""
+    client = MlflowClient(mlflow_server.uri)
+    exp_id = client.create_experiment("t-long")
+    run_id = client.create_run(exp_id, run_name="job-long").info.run_id
+    run_dir = tmp_path / "run"
+    away = f"http://127.0.0.1:{free_port()}"
+    tracker = Tracker(away, "t-long", "job-long", run_id=run_id, retries=2, retry_wait=0.1, max_wait=0.3,
+                      max_pending=4, state_dir=run_dir)
+    t0 = time.time()
+    for step in range(1, 21):  # a log step every 0.1 s for 2 s: the back-off reaches its cap several times
+        tracker.log_metrics({"g_loss": 1.0 / step}, step=step)
+        time.sleep(0.1)
+    assert time.time() - t0 < 4  # training never waits on tracking
+    assert tracker.failures >= 3 and tracker.dropped == 0
+    assert tracker._wait == 0.3  # capped
+    assert list(run_dir.glob("biggan-tracking-spill-*.jsonl"))  # the spill lives in the run's folder, not /tmp
+    t0 = time.time()
+    tracker.close(timeout=1.0)
+    assert time.time() - t0 < 15  # bounded by the timeout plus one attempt in flight
+    unsent = run_dir / "tracking-unsent.jsonl"
+    assert tracker.dropped == 0 and len(unsent.read_text().splitlines()) == 20
+    assert not list(run_dir.glob("biggan-tracking-spill-*.jsonl"))
+    assert any("kept in" in r.message and "tracking-unsent.jsonl" in r.message for r in caplog.records)
+    again = Tracker(mlflow_server.uri, "t-long", "job-long", run_id=run_id, retry_wait=0.1, state_dir=run_dir)
+    again.log_metrics({"g_loss": 0.01}, step=21)
+    assert again.flush(60)
+    again.close()
+    history = client.get_metric_history(run_id, "g_loss")
+    assert [m.step for m in history] == list(range(1, 22))  # in order, each once
+    assert not unsent.exists() and again.dropped == 0
+
+
+def test_backlog_keeps_unsent_calls_in_order_and_a_later_backlog_adopts_them(tmp_path):
+    first = Backlog(tmp_path / "spill-a.jsonl", max_memory=3)
+    for i in range(8):
+        first.append(("_log_metrics", ({"x": float(i)}, i, 0)))
+    first.append(("_log_inputs", ([object()],)))  # JSON cannot hold it: waits in memory while it runs ...
+    assert first.spilled and len(first) == 8  # ... but behind spilled calls it cannot wait in order: refused
+    assert first.dropped == 1
+    kept, lost = first.keep(tmp_path / "unsent.jsonl")
+    assert (kept, lost) == (8, 0) and len(first) == 0 and not (tmp_path / "spill-a.jsonl").exists()
+    later = Backlog(tmp_path / "spill-b.jsonl", max_memory=3)
+    assert later.adopt(tmp_path / "unsent.jsonl") == 8 and not (tmp_path / "unsent.jsonl").exists()
+    later.append(("_log_metrics", ({"x": 8.0}, 8, 0)))
+    got = []
+    while (item := later.peek()) is not None:
+        got.append(item[1][1])
+        later.pop()
+    assert got == list(range(9))
 
 
 def test_permanent_failures_are_dropped_counted_and_logged_once(mlflow_server, tmp_path, caplog):
