@@ -23,6 +23,7 @@ from pipeline.augment import augment_generator, diff_augment
 from pipeline.checkpoint import CheckpointInfo, CheckpointStore
 from pipeline.config import RunConfig, grad_accumulation_steps
 from pipeline.cross_replica import install_cross_replica_bn
+from pipeline.data.faults import DataFaultError
 from pipeline.ema import EMA
 from pipeline.engines import build_engines, fp32_master_slices, use_bf16
 from pipeline.finetune import init_generator_from
@@ -393,8 +394,7 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 metrics = self.take_metrics()
                 metrics.update(self.trick_metrics())
-                if hasattr(self.loader, "sync_faults"):  # every rank: agree on bad shards, data/* metrics
-                    metrics.update(self.loader.sync_faults(self.cfg.data.max_bad_fraction))
+                metrics.update(self.sync_data_faults())
                 now = time.time()
                 iters = self.step - last_log_step
                 elapsed = max(now - last_log_t, 1e-9)
@@ -465,6 +465,17 @@ class Trainer:
 
     def _maybe_fail_once(self) -> None:
         drills.fail_once(self)
+
+    def sync_data_faults(self) -> dict[str, float]:
+        """Every rank: agree on bad shards (data/* metrics). Past the budget the run stops with an error naming
+        the shards; its metrics are logged first, so tracking shows why."""
+        if not hasattr(self.loader, "sync_faults"):
+            return {}
+        try:
+            return self.loader.sync_faults(self.cfg.data.max_bad_fraction)
+        except DataFaultError as err:
+            self.tracker.log_metrics(err.metrics, step=self.step)
+            raise
 
     def take_metrics_peek(self) -> dict[str, float]:
         """Loss means since the last log, without resetting them (health checks between log steps)."""

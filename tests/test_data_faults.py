@@ -213,6 +213,31 @@ def test_training_survives_a_vanished_shard_logs_data_metrics_and_resumes(tmp_pa
     assert resumed.fit()["status"] == "finished" and resumed.step == 10
 
 
+def test_a_vanished_shard_past_the_budget_stops_training_naming_it_with_data_metrics_logged(tmp_path,
+                                                                                             mlflow_server):
+    """One of four shards is 25% of the set, past the default budget of 1%: the run stops with an error naming
+    the shard, and the MLflow run says why (data/bad_shards = 1), not 0."""
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import Tracker
+    from tests.trainer_harness import make_trainer, tiny_config
+
+    shards = tmp_path / "shards"
+    write_id_shards(shards, [24, 24, 24, 24], num_classes=5, resolution=32)
+    cfg = tiny_config(tmp_path, str(shards), 5, **{"train.steps": 6, "train.checkpoint_every": 6})
+    tracker = Tracker(mlflow_server.uri, "data-faults", f"over-{uuid.uuid4().hex[:6]}", retry_wait=0.2)
+    trainer = make_trainer(cfg, tmp_path, tracker=tracker)
+    os.remove(shards / "shard-000002.tar")
+    with pytest.raises(DataFaultError, match=r"24 of 96 samples lost.*max_bad_fraction=0\.01.*shard-000002\.tar"):
+        trainer.fit()
+    assert tracker.flush(30)
+    history = MlflowClient(mlflow_server.uri).get_metric_history(tracker.run_id, "data/bad_shards")
+    assert [m.value for m in history][-1] == 1.0
+    tracker.close()
+
+
 @pytest.mark.skipif(not dali_available(), reason="needs nvidia-dali")
 def test_dali_batches_around_a_corrupt_jpeg_are_the_same_after_a_restart(tmp_path):
     """The first run learns the culprit in epoch 0 and leaves it out in epoch 1; a loader restarted at

@@ -23,7 +23,12 @@ import torch.distributed as dist
 
 
 class DataFaultError(RuntimeError):
-    """More of the data set is lost than data.max_bad_fraction allows."""
+    """More of the data set is lost than data.max_bad_fraction allows. `metrics` holds the data/* metrics of
+    the agreement that broke the budget, so the run's tracking shows why it stopped."""
+
+    def __init__(self, message: str, metrics: dict[str, float] | None = None):
+        super().__init__(message)
+        self.metrics = dict(metrics or {})
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,13 @@ def check_budget(names: list[str], counts: tuple[int, ...], agreed: Agreement, r
         raise DataFaultError(
             f"{lost} of {total} samples lost ({lost / max(total, 1):.2%}), more than data.max_bad_fraction="
             f"{max_bad_fraction}: bad shards: {shards}; bad samples: {agreed.bad_samples}. Fix or remove those "
-            "shards (and re-index the set), or raise data.max_bad_fraction."
+            "shards (and re-index the set), or raise data.max_bad_fraction.",
+            metrics(agreed),
         )
     return lost
+
+
+def metrics(agreed: Agreement) -> dict[str, float]:
+    """The data/* metrics of an agreement (sums over ranks)."""
+    return {"data/skipped": float(agreed.skipped), "data/bad_shards": float(len(agreed.bad_shards)),
+            "data/bad_samples": float(agreed.bad_samples)}

@@ -389,7 +389,7 @@ class ShardLoader:
 
     def sync_faults(self, max_bad_fraction: float = 0.01) -> dict[str, float]:
         """Agree with every other rank on the bad shards and quarantine them from the next epoch; raise
-        faults.DataFaultError past `max_bad_fraction`. A collective: every rank calls it at the same step.
+        faults.DataFaultError past `max_bad_fraction` (carrying the same metrics). A collective: every rank calls it at the same step.
         Returns the metrics data/skipped, data/bad_shards and data/bad_samples (sums over ranks)."""
         names = [s.name for s in self.shards.manifest.shards]
         mine = set(self.shards.bad) | {self.shards.index_of[n] for n in self._quarantine}
@@ -405,8 +405,7 @@ class ShardLoader:
         if new:
             log.warning("quarantined from epoch %d on: %s", self._epoch + 1, ", ".join(names[i] for i in new))
             self._restart()  # batches read ahead for the next epoch used the old schedule
-        return {"data/skipped": float(agreed.skipped), "data/bad_shards": float(len(agreed.bad_shards)),
-                "data/bad_samples": float(agreed.bad_samples)}
+        return faults.metrics(agreed)
 
     # -- iteration -----------------------------------------------------------------------------------------
     def __iter__(self) -> ShardLoader:
