@@ -416,15 +416,20 @@ def row_tracking_down(ctx: Context) -> Row:
         deadline = t0 + ctx.outage_s
         while time.time() < deadline and run.proc.poll() is None:
             time.sleep(1)
+        ended_during = run.proc.poll() is not None or "[finished]" in run.text
         server.start()
+        t_back = time.time()
         rc = run.wait(timeout=900)
+        t_sent = time.time()  # the run's close returns once its backlog is sent
         got = ctx.metric_steps()
     finally:
         server.stop()
     missing = sorted(set(range(1, steps + 1)) - got)
     ok = rc == 0 and not missing
+    when = "after training ended (its close waited)" if ended_during else "while training went on"
     return Row(f"tracking server down for {ctx.outage_s:.0f} s", ok, 0, 0, None,
-               f"exit {rc}; {len(missing)} of {steps} logged steps missing in MLflow")
+               f"exit {rc}; {len(missing)} of {steps} logged steps missing in MLflow; the server came back "
+               f"{when}, backlog sent {t_sent - t_back:.0f} s after")
 
 
 def row_tracking_4xx(ctx: Context) -> Row:
