@@ -8,7 +8,7 @@ import os
 import sys
 
 from pipeline import config as C
-from pipeline import resume
+from pipeline import preemption, resume
 from pipeline.preemption import EXIT_COLLAPSED, EXIT_PREEMPTED
 from pipeline.presets import PRESETS, get_preset
 from pipeline.tracking import default_tracking_uri
@@ -108,6 +108,8 @@ def main(preset: str, argv: list[str] | None = None) -> int:
     if args.print_config:
         print(cfg.dumps())
         return 0
+    if not args.dry_run:  # from here a SIGTERM or Ctrl-C is a preemption (exit 75), not a crash
+        preemption.install_handlers()
     print(f"[config] resolved configuration for preset {preset!r}:\n{cfg.dumps()}", flush=True)
     plan = cluster_plan(cfg)
     print(f"[plan] {json.dumps(plan, indent=2)}", flush=True)

@@ -71,6 +71,11 @@ def run_training(cfg: RunConfig, inject_collapse_at: int | None = None, resume_p
     found = resume.check_policy(cfg, paths["checkpoints"], resume_policy)
     init_ray(dashboard=True)
     preemption.install_handlers()  # after ray.init, which sets its own SIGTERM handler (exit at once)
+    step0 = found.step if found else 0
+    if preemption.requested():  # signalled while Ray started (the launch script's handler): nothing to commit
+        print(f"[preempted] before training started ({preemption.reason()}); run the same command to "
+              f"{'resume from step ' + str(step0) if found else 'start'}", flush=True)
+        return _outcome(cfg, paths, {"status": "preempted", "step": step0})
     board = preemption.open_board(cfg.tracking.run_name)
     ray.get(board.clear.remote())  # a stop posted by an earlier driver of this run is not for this one
     preemption.forward_to_board(board)
@@ -93,6 +98,10 @@ def run_training(cfg: RunConfig, inject_collapse_at: int | None = None, resume_p
             relaunches += 1
             print(f"[preempt] workers were preempted at step {metrics.get('step')}; relaunching "
                   f"({relaunches}/{cfg.cluster.max_preemptions}), resuming there", flush=True)
+    return _outcome(cfg, paths, metrics, relaunches)
+
+
+def _outcome(cfg: RunConfig, paths: dict, metrics: dict, relaunches: int = 0) -> dict:
     return {
         "status": metrics.get("status", "unknown"),
         "step": metrics.get("step"),

@@ -149,8 +149,10 @@ def preemptible_torch_config(backend: str):
 
     class _Backend(_TorchBackend):
         def on_start(self, worker_group, backend_config):
-            super().on_start(worker_group, backend_config)
+            # first: the process group's rendezvous takes seconds, and until then Ray's handler exits at once
+            # (signals before this point cannot be caught: README, "Signals that come early")
             worker_group.execute(install_handlers)
+            super().on_start(worker_group, backend_config)
 
     class PreemptibleTorchConfig(TorchConfig):
         @property

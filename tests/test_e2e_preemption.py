@@ -94,3 +94,22 @@ def test_sigterm_to_a_worker_then_the_driver_and_the_rerun_resumes_the_same_mlfl
     assert steps == list(range(1, 15)), steps  # every step logged once the run is whole: nothing lost, no gap
     assert runs[0].data.tags["status"] == "finished" and runs[0].info.status == "FINISHED"
     assert Path(tmp_path / "reg").is_dir() and not list((tmp_path / "reg").glob("*.json"))
+
+
+def test_sigterm_to_the_driver_while_ray_starts_is_a_preemption_not_a_crash(tmp_path, digits_shards):
+    """The launch script's handler is in place before Ray is imported or started: a job stopped that early
+    exits 75 (run the same command to go on), not killed by the signal; no worker is started for it."""
+    shards, _ = digits_shards
+    log: list[str] = []
+    proc = _launch(tmp_path, shards, steps=14)
+    try:
+        _until(proc, "[plan]", log)  # Ray is imported and started after this line
+        os.kill(proc.pid, signal.SIGTERM)
+        log.append(proc.stdout.read())
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(log)
+    assert rc == preemption.EXIT_PREEMPTED, out[-3000:]
+    assert "[preempted] before training started (SIGTERM" in out and "[step" not in out
