@@ -78,6 +78,10 @@ class ClassSignals:
         self.z = torch.randn(len(self.y), trainer.G.dim_z, generator=gen)
 
     @property
+    def group(self) -> metrics.Collective:
+        return metrics.Collective(self.t.rank, self.t.world_size, self.t.device)
+
+    @property
     def on(self) -> bool:
         return self._set_up and self.off_reason is None
 
@@ -93,7 +97,7 @@ class ClassSignals:
         if self.off_reason is not None:
             self._say_off()
             return
-        group = metrics.Collective(t.rank, t.world_size, t.device)
+        group = self.group
         kept = rng_state()  # training a classifier seeds torch: training's random stream must not notice
         try:
             ref = self._reference_set()
@@ -145,27 +149,34 @@ class ClassSignals:
         device = self.t.device
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.t.dtype == torch.bfloat16)
 
+    def _share(self) -> slice:
+        """This rank's contiguous part of the health batch: ranks split the forwards, then gather the features."""
+        return slice(*self.group.share(len(self.y)))
+
     @torch.no_grad()
     def images(self, G) -> Tensor:
-        """EMA G's samples of the fixed health batch (float, on the trainer's device)."""
-        p = next(G.parameters())
+        """EMA G's samples of this rank's share of the fixed health batch (float, on the trainer's device)."""
+        p, part = next(G.parameters()), self._share()
         with self._autocast():
-            return G(self.z.to(p.device, p.dtype), self.y.to(p.device)).float()
+            return G(self.z[part].to(p.device, p.dtype), self.y[part].to(p.device)).float()
 
     @torch.no_grad()
     def measure(self, images: Tensor) -> dict[str, Tensor]:
-        """class_fidelity, class_diversity and class_fid of the health batch's images (0-dim tensors)."""
+        """class_fidelity, class_diversity and class_fid of the health batch (0-dim tensors, the same on every rank),
+    from this rank's share of its images (`images`); every rank calls it."""
         if not self.on:
             return {}
         with self._autocast():
             feats = self.classifier.features(images).float()
-            logits = self.classifier.head(feats).float()
-        y = self.y.to(feats.device)
-        fidelity = (logits.argmax(dim=1) == y).float().mean()
-        spread = within_class_spread(feats.cpu(), self.y, self.classes)
+        # every rank's share in batch order: from here on every rank computes the same numbers
+        feats = torch.from_numpy(self.group.gather_rows(feats.cpu().numpy()))
+        with self._autocast():
+            logits = self.classifier.head(feats.to(self.t.device)).float().cpu()
+        fidelity = (logits.argmax(dim=1) == self.y).float().mean()
+        spread = within_class_spread(feats, self.y, self.classes)
         ratio = spread / self.real_spread
         diversity = ratio[torch.isfinite(ratio)].mean()
-        f = feats.double().cpu().numpy()
+        f = feats.double().numpy()
         if np.isfinite(f).all():
             fid = frechet_distance(f.mean(axis=0), np.cov(f, rowvar=False), self.mu, self.sigma)
         else:

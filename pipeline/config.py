@@ -190,8 +190,8 @@ class HealthConfig:
     d_loss_patience: int = bounded(5, ge=1)  # ... for this many consecutive checks
     variety_ratio: float = bounded(0.25, gt=0, lt=1)  # alarm when EMA-G sample variety falls below k x its trailing median
     fid_ratio: float = bounded(1.5, gt=1)  # alarm when FID exceeds k x its trailing median (when evaluation runs)
-    sigma_trend_checks: int = bounded(20, ge=3)  # last checks the sigma0 trend rule looks at (quiet until that many)
-    sigma_trend_factor: float = bounded(1.8, gt=1)  # alarm when G's first-layer sigma0 rose by this factor over them ...
+    sigma_trend_checks: int = bounded(40, ge=3)  # last checks the sigma0 trend rule looks at (quiet until that many)
+    sigma_trend_factor: float = bounded(1.6, gt=1)  # alarm when G's first-layer sigma0 rose by this factor over them ...
     sigma_trend_r2: float = bounded(0.8, ge=0, le=1)  # ... along a steady climb: R^2 of a log-linear fit at least this
     class_signals: bool = True  # class fidelity, intra-class diversity and class FID of EMA G (pipeline/class_health.py)
     classes: int = bounded(10, ge=2)  # classes in the fixed health batch, evenly spaced over the data's
