@@ -192,6 +192,20 @@ class HealthConfig:
     d_loss_patience: int = bounded(5, ge=1)  # ... for this many consecutive checks
     variety_ratio: float = bounded(0.25, gt=0, lt=1)  # alarm when EMA-G sample variety falls below k x its trailing median
     fid_ratio: float = bounded(1.5, gt=1)  # alarm when FID exceeds k x its trailing median (when evaluation runs)
+    sigma_trend_checks: int = bounded(40, ge=3)  # last checks the sigma0 trend rule looks at (quiet until that many)
+    sigma_trend_factor: float = bounded(1.6, gt=1)  # alarm when G's first-layer sigma0 rose by this factor over them ...
+    sigma_trend_r2: float = bounded(0.8, ge=0, le=1)  # ... along a steady climb: R^2 of a log-linear fit at least this
+    class_signals: bool = True  # class fidelity, intra-class diversity and class FID of EMA G (pipeline/class_health.py)
+    classes: int = bounded(10, ge=2)  # classes in the fixed health batch, evenly spaced over the data's
+    samples_per_class: int = bounded(10, ge=2)  # EMA-G samples of each of them per check
+    real_images: int = bounded(2000, ge=2)  # real images whose per-class feature spread diversity is relative to
+    fidelity_floor: float = bounded(2.0, ge=1)  # alarm when class fidelity falls below k x chance, once it has been above 2k x chance ...
+    fidelity_by_step: int = bounded(0, ge=0)  # ... or is still below it at this G step (0 = never)
+    fidelity_ratio: float = bounded(0.5, gt=0, lt=1)  # alarm when class fidelity falls below k x its trailing median (above the floor)
+    diversity_floor: float = bounded(0.3, gt=0, lt=1)  # alarm when intra-class diversity (1 = real data's) falls below this, once it has been above 2x it
+    diversity_ratio: float = bounded(0.5, gt=0, lt=1)  # alarm when intra-class diversity falls below k x its trailing median
+    class_fid_ratio: float = bounded(2.0, gt=1)  # alarm when the health batch's FID exceeds k x its trailing median ...
+    class_fid_ceiling: float = bounded(0.9, gt=0)  # ... or k x its value at the first check (an untrained G), once it has halved
     healthy_after: int = bounded(3, ge=0)  # alarm-free checks after a checkpoint before it counts as healthy
     max_rollbacks: int = bounded(3, ge=0)
     mitigation: str = "halve_lr,double_r1,reset_d_opt,reseed_data"

@@ -35,16 +35,34 @@ class Decision:
         )
 
 
+# signals whose trailing window the ratio rules compare with (alarm-free checks only)
+TRAILING = ("sigma0_g_first", "sigma0_d_max", "variety", "fid", "class_fidelity", "class_diversity", "class_fid")
+
+
 def _median(values) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def _r_squared(x: list[float], y: list[float]) -> float:
+    """Share of y's variance a least-squares line through (x, y) explains (1 = a straight line)."""
+    mx, my = statistics.fmean(x), statistics.fmean(y)
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    if sxx == 0 or syy == 0:
+        return 0.0
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    return sxy * sxy / (sxx * syy)
+
+
 class HealthMonitor:
-    def __init__(self, cfg: HealthConfig, loss_kind: str = "hinge"):
+    def __init__(self, cfg: HealthConfig, loss_kind: str = "hinge", num_classes: int = 10):
         self.cfg = cfg
+        self.chance = 1.0 / max(num_classes, 1)  # class fidelity of a G that ignores its labels
         # a WGAN critic's loss is a negative distance estimate, not a probability: "near zero" means nothing
         self.use_d_loss_floor = loss_kind != "wgan-gp"
         self.history: dict[str, deque] = {}
+        self.trend: deque = deque(maxlen=cfg.sigma_trend_checks)  # (step, sigma0_g_first) of recent quiet checks
+        self.extremes: dict[str, float] = {}  # best class signals so far, first class FID (_remember_extremes)
         self.low_d_loss = 0
         self.pending: dict[int, int] = {}  # checkpoint step -> alarm-free checks since it was saved
         self._healthy: list[int] = []
@@ -76,28 +94,11 @@ class HealthMonitor:
             return self._finish(d, signals)
 
         warming_up = step < c.warmup_steps  # history is still gathered; only non-finite values alarm
-        checks = []
-        g_sigma = signals.get("sigma0_g_first")
-        if g_sigma is not None:
-            checks.append(("sigma0_g_first", g_sigma, c.sigma_ratio, "above"))
-        d_sigma = signals.get("sigma0_d_max")
-        if d_sigma is not None:
-            checks.append(("sigma0_d_max", d_sigma, c.d_sigma_ratio, "above"))
-        if "variety" in signals:
-            checks.append(("variety", signals["variety"], c.variety_ratio, "below"))
-        if "fid" in signals:
-            checks.append(("fid", signals["fid"], c.fid_ratio, "above"))
-        for name, value, ratio, direction in checks:
-            past = self._trailing(name)
-            if len(past) < c.min_history or warming_up:
-                continue
-            med = _median(past)
-            fired = value > ratio * med if direction == "above" else value < ratio * med
-            if fired:
-                d.alarm = True
-                d.reason = f"{name} = {value:.4g} is {direction} {ratio} x its trailing median {med:.4g}"
-                d.evidence[name] = {"value": value, "trailing_median": med, "ratio": ratio, "history": len(past)}
-                break
+        self._remember_extremes(signals)
+        if not warming_up:
+            for rule in (self._ratio_rules, self._floor_rules, self._sigma_trend):
+                if rule(d, signals):
+                    break
 
         d_total = signals.get("d_loss_real", math.nan) + signals.get("d_loss_fake", math.nan)
         if math.isfinite(d_total) and self.use_d_loss_floor and not warming_up:
@@ -106,18 +107,103 @@ class HealthMonitor:
                 d.alarm = True
                 d.reason = f"D loss {d_total:.4g} below {c.d_loss_floor} for {self.low_d_loss} checks"
                 d.evidence["d_loss"] = {"value": d_total, "floor": c.d_loss_floor, "checks": self.low_d_loss}
-        if d.alarm:
+        if d.alarm and not d.onset_step < step:  # a rule that dated the onset itself keeps its date
             d.onset_step = self.last_ok_step
         return self._finish(d, signals)
+
+    # -- rules: each fills the decision and returns True when it fires ---------------------------------------------
+    def _ratio_rules(self, d: Decision, signals: dict[str, float]) -> bool:
+        """A signal far from its trailing median (the run's own recent history)."""
+        c = self.cfg
+        rules = [("sigma0_g_first", c.sigma_ratio, "above"), ("sigma0_d_max", c.d_sigma_ratio, "above"),
+                 ("variety", c.variety_ratio, "below"), ("fid", c.fid_ratio, "above"),
+                 ("class_fidelity", c.fidelity_ratio, "below"), ("class_diversity", c.diversity_ratio, "below"),
+                 ("class_fid", c.class_fid_ratio, "above")]
+        for name, ratio, direction in rules:
+            value, past = signals.get(name), self._trailing(name)
+            if value is None or not math.isfinite(value) or len(past) < c.min_history:
+                continue
+            med = _median(past)
+            if name == "class_fidelity" and med < c.fidelity_floor * self.chance:
+                continue  # a fidelity that never left chance has nothing to fall from; the floor rule judges it
+            fired = value > ratio * med if direction == "above" else value < ratio * med
+            if fired:
+                d.alarm = True
+                d.reason = f"{name} = {value:.4g} is {direction} {ratio} x its trailing median {med:.4g}"
+                d.evidence[name] = {"value": value, "trailing_median": med, "ratio": ratio, "history": len(past)}
+                return True
+        return False
+
+    def _floor_rules(self, d: Decision, signals: dict[str, float]) -> bool:
+        """Absolute limits, whatever the history: armed once the run has been clearly on the good side of them."""
+        c = self.cfg
+        fidelity, diversity, fid = (signals.get(k, math.nan) for k in ("class_fidelity", "class_diversity", "class_fid"))
+        floor = c.fidelity_floor * self.chance
+        peak = self.extremes.get("class_fidelity_max", 0.0)
+        if math.isfinite(fidelity) and fidelity < floor and (peak >= 2 * floor or 0 < c.fidelity_by_step <= d.step):
+            why = f"after reaching {peak:.3g}" if peak >= 2 * floor else f"still, at step {d.step}"
+            return self._fire(d, "class_fidelity", f"class fidelity {fidelity:.3g} is below {c.fidelity_floor:g} x chance "
+                              f"({floor:.3g}) {why}", value=fidelity, floor=floor, peak=peak)
+        peak = self.extremes.get("class_diversity_max", 0.0)
+        if math.isfinite(diversity) and diversity < c.diversity_floor and peak >= 2 * c.diversity_floor:
+            return self._fire(d, "class_diversity", f"intra-class diversity {diversity:.3g} of real data's is below "
+                              f"{c.diversity_floor} after reaching {peak:.3g}", value=diversity, floor=c.diversity_floor,
+                              peak=peak)
+        first, best = self.extremes.get("class_fid_first"), self.extremes.get("class_fid_min")
+        if math.isfinite(fid) and first is not None and best <= 0.5 * first and fid >= c.class_fid_ceiling * first:
+            return self._fire(d, "class_fid", f"class FID {fid:.4g} is back at {c.class_fid_ceiling} x an untrained "
+                              f"G's ({first:.4g}) after reaching {best:.4g}", value=fid, first=first, best=best)
+        return False
+
+    def _sigma_trend(self, d: Decision, signals: dict[str, float]) -> bool:
+        """A slow, steady climb of G's first-layer sigma0 that the ratio rule's trailing median follows upwards."""
+        c = self.cfg
+        value = signals.get("sigma0_g_first")
+        if value is None or not math.isfinite(value) or value <= 0 or len(self.trend) < c.sigma_trend_checks - 1:
+            return False
+        points = [*list(self.trend)[-(c.sigma_trend_checks - 1):], (d.step, value)]
+        steps = [float(s) for s, _ in points]
+        logs = [math.log(v) for _, v in points]
+        rise = value / points[0][1]
+        if rise < c.sigma_trend_factor:
+            return False
+        r2 = _r_squared(steps, logs)
+        if r2 < c.sigma_trend_r2:
+            return False
+        d.onset_step = int(points[0][0])  # the climb started with the window: return to before it
+        return self._fire(d, "sigma0_trend", f"sigma0_g_first rose {rise:.3g}x over the last {len(points)} checks "
+                          f"(steps {int(steps[0])}-{d.step}, log-linear R^2 {r2:.2f})", rise=rise, r2=r2,
+                          start=points[0][1], value=value)
+
+    @staticmethod
+    def _fire(d: Decision, name: str, reason: str, **evidence) -> bool:
+        d.alarm, d.reason = True, reason
+        d.evidence[name] = evidence
+        return True
+
+    def _remember_extremes(self, signals: dict[str, float]) -> None:
+        """The run's best class signals so far (they arm the floors) and its first class FID (an untrained G's)."""
+        e = self.extremes
+        for name, better in (("class_fidelity", max), ("class_diversity", max), ("class_fid", min)):
+            value = signals.get(name)
+            if value is None or not math.isfinite(value):
+                continue
+            key = f"{name}_{better.__name__}"
+            e[key] = better(e.get(key, value), value)
+        if "class_fid" in signals and math.isfinite(signals["class_fid"]):
+            e.setdefault("class_fid_first", signals["class_fid"])
 
     def _finish(self, d: Decision, signals: dict[str, float]) -> Decision:
         d.evidence.setdefault("signals", {k: v for k, v in signals.items() if not k.startswith("sigma0/")})
         if d.alarm:
             self.pending.clear()
             return d
-        for name in ("sigma0_g_first", "sigma0_d_max", "variety", "fid"):
+        for name in TRAILING:
             if name in signals and math.isfinite(signals[name]):
                 self._trailing(name).append(signals[name])
+        sigma = signals.get("sigma0_g_first")
+        if sigma is not None and math.isfinite(sigma) and sigma > 0:
+            self.trend.append((d.step, sigma))
         self.last_ok_step = d.step
         for step in list(self.pending):
             self.pending[step] += 1
@@ -140,6 +226,8 @@ class HealthMonitor:
     def state_dict(self) -> dict:
         return {
             "history": {k: list(v) for k, v in self.history.items()},
+            "trend": [list(x) for x in self.trend],
+            "extremes": dict(self.extremes),
             "low_d_loss": self.low_d_loss,
             "pending": dict(self.pending),
             "last_ok_step": self.last_ok_step,
@@ -147,6 +235,8 @@ class HealthMonitor:
 
     def load_state_dict(self, state: dict) -> None:
         self.history = {k: deque(v, maxlen=self.cfg.window) for k, v in state["history"].items()}
+        self.trend = deque((tuple(x) for x in state.get("trend", [])), maxlen=self.cfg.sigma_trend_checks)
+        self.extremes = dict(state.get("extremes", {}))
         self.low_d_loss = state["low_d_loss"]
         self.pending = {int(k): v for k, v in state["pending"].items()}
         self.last_ok_step = state["last_ok_step"]

@@ -21,6 +21,7 @@ from models.spectral import SpectralNorm, first_layer_sigma0, sigma0s
 from pipeline import drills, losses, preemption, tricks
 from pipeline.augment import augment_generator, diff_augment
 from pipeline.checkpoint import CheckpointInfo, CheckpointStore
+from pipeline.class_health import ClassSignals
 from pipeline.config import RunConfig, grad_accumulation_steps
 from pipeline.cross_replica import install_cross_replica_bn
 from pipeline.data.faults import DataFaultError
@@ -98,7 +99,7 @@ class Trainer:
         self.noise = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank)
         self.augment_rng = augment_generator(cfg.train.seed, rank, device)  # DiffAugment: its own draws per rank
         self.replay = tricks.ReplayBuffer(cfg.tricks.replay_size, cfg.tricks.replay_fraction, seed=cfg.train.seed + rank)
-        self.health = HealthMonitor(cfg.health, loss_kind=cfg.loss.kind)
+        self.health = HealthMonitor(cfg.health, loss_kind=cfg.loss.kind, num_classes=cfg.model.num_classes)
 
         self.step = 0  # G steps done
         self.d_steps_done = 0
@@ -115,6 +116,7 @@ class Trainer:
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
         self._sample_z, self._sample_y = self._fixed_samples()
+        self.class_signals = ClassSignals(self)  # fidelity, diversity, FID of EMA G's fixed health batch
         from pipeline.evaluation import Evaluator
 
         self.evaluator = Evaluator(self)  # eval.every: FID of EMA G after checkpoints; last_fid for the health check
@@ -352,7 +354,12 @@ class Trainer:
 
     def health_signals(self, losses_now: dict[str, float]) -> dict[str, float]:
         """Everything the monitor judges, averaged over ranks in one all-reduce."""
-        local = {"variety": self.health.sample_variety(self.ema.ready(), self._sample_z, self._sample_y)}
+        G_ema = self.ema.ready()
+        if self.class_signals.on:  # one batch of EMA-G samples serves every sample signal
+            images = self.class_signals.images(G_ema)
+            local = {"variety": images.std(dim=0).mean(), **self.class_signals.measure(images)}
+        else:
+            local = {"variety": self.health.sample_variety(G_ema, self._sample_z, self._sample_y)}
         d_sigmas = [v.float() for k, v in self.spectral_signals().items() if k.startswith("sigma0/D/")]
         if d_sigmas:  # spectrally normalized nets (BigGAN); DCGAN has none
             local["sigma0_d_max"] = torch.stack(d_sigmas).max()
@@ -372,7 +379,8 @@ class Trainer:
         decision.alarm = bool(alarm.item())
         if decision.alarm and not decision.reason:
             decision.reason = "another rank raised the alarm"
-        self.tracker.log_metrics({"health/alarm": float(decision.alarm)}, step=self.step)
+        shown = {f"health/{k}": v for k, v in decision.evidence["signals"].items() if k.startswith(("class_", "variety"))}
+        self.tracker.log_metrics({"health/alarm": float(decision.alarm), **shown}, step=self.step)
         if decision.alarm:
             self.tracker.log_text(decision.explain(), f"health/decision_{self.step:08d}.txt")
         return decision
@@ -384,6 +392,8 @@ class Trainer:
         start, last_log_t, last_log_step = time.time(), time.time(), self.step
         metrics: dict[str, float] = {}
         self.recovery.ensure_initial_checkpoint()  # a place to return to before the first healthy checkpoint
+        if self.cfg.health.enabled:
+            self.class_signals.setup()  # every rank: the dataset classifier, from rank 0 (trained once if absent)
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             self.train_iteration()

@@ -143,3 +143,81 @@ def test_a_new_fid_is_judged_once_at_the_next_check(tmp_path, digits_shards):
     assert trainer.health_signals({})["fid"] == 42.0
     assert "fid" not in trainer.health_signals({})  # handed over once
     assert {"sigma0_g_first", "sigma0_d_max", "variety"} <= trainer.health_signals({}).keys()
+
+
+# -- class-aware rules and the sigma0 trend (synthetic signals; the real-training tests are in test_class_health.py)
+def _classy(mon: HealthMonitor, steps, fidelity=0.6, diversity=0.8, fid=40.0, sigma=1.0):
+    for s in steps:
+        d = mon.observe(s, {"sigma0_g_first": sigma, "class_fidelity": fidelity + 0.01 * (s % 2),
+                            "class_diversity": diversity, "class_fid": fid, "d_loss_real": 0.6, "d_loss_fake": 0.6})
+        assert not d.alarm, d.explain()
+
+
+def test_fidelity_near_chance_is_a_collapse_once_the_run_had_learned_classes():
+    mon = HealthMonitor(HealthConfig(min_history=100, fidelity_floor=2.0), num_classes=10)
+    _classy(mon, range(0, 50, 5), fidelity=0.1)  # an untrained G sits at chance: nothing to fall from
+    _classy(mon, range(50, 100, 5), fidelity=0.5)
+    d = mon.observe(100, {"class_fidelity": 0.12})
+    assert d.alarm and "class fidelity 0.12 is below 2 x chance" in d.reason and d.onset_step == 95
+    assert d.evidence["class_fidelity"]["peak"] == pytest.approx(0.51)
+
+
+def test_fidelity_still_at_chance_by_the_deadline_is_a_collapse():
+    mon = HealthMonitor(HealthConfig(min_history=100, fidelity_by_step=60), num_classes=10)
+    _classy(mon, range(0, 60, 5), fidelity=0.1)
+    d = mon.observe(60, {"class_fidelity": 0.1})
+    assert d.alarm and "still, at step 60" in d.reason
+
+
+@pytest.mark.parametrize("signal, value, word", [
+    ("class_fidelity", 0.25, "class_fidelity = 0.25 is below 0.5 x its trailing median"),
+    ("class_diversity", 0.3, "class_diversity = 0.3 is below 0.5 x its trailing median"),
+    ("class_fid", 90.0, "class_fid = 90 is above 2.0 x its trailing median"),
+])
+def test_class_signals_are_judged_against_their_trailing_median(signal, value, word):
+    mon = HealthMonitor(HealthConfig(min_history=5), num_classes=10)
+    _classy(mon, range(10))
+    d = mon.observe(10, {"class_fidelity": 0.6, "class_diversity": 0.8, "class_fid": 40.0, signal: value})
+    assert d.alarm and word in d.reason, d.reason
+
+
+def test_diversity_floor_and_fid_ceiling_hold_whatever_the_history():
+    # a slow decline that drags the trailing median along: the relative rule never fires, the floor does
+    mon = HealthMonitor(HealthConfig(min_history=3, window=3), num_classes=10)
+    values = [0.8 * 0.85**i for i in range(12)]
+    fired = [mon.observe(i, {"class_diversity": v}).alarm for i, v in enumerate(values)]
+    assert fired.index(True) == next(i for i, v in enumerate(values) if v < 0.3)
+    mon = HealthMonitor(HealthConfig(min_history=3, window=3), num_classes=10)
+    fids = [200.0, 150, 110, 80, 60, 70, 90, 120, 150, 185]
+    fired = [mon.observe(i, {"class_fid": v}).alarm for i, v in enumerate(fids)]
+    assert fired == [False] * 9 + [True]  # 185 >= 0.9 x 200 (the untrained G's), after it had fallen to 60
+
+
+def test_a_slow_steady_sigma0_climb_fires_the_trend_rule_with_its_start_as_onset():
+    cfg = HealthConfig(min_history=5, sigma_trend_checks=10, sigma_trend_factor=1.8, sigma_ratio=3.0)
+    mon = HealthMonitor(cfg)
+    _steady(mon, range(0, 50, 5))  # flat at ~1
+    sigmas = [1.0 * 1.07**i for i in range(1, 40)]  # +7% per check: never 3x its trailing median
+    for i, sigma in enumerate(sigmas):
+        step = 50 + 5 * i
+        d = mon.observe(step, {"sigma0_g_first": sigma})
+        if d.alarm:
+            break
+    assert d.alarm and "sigma0_g_first rose" in d.reason and "R^2" in d.reason
+    assert d.onset_step == step - 45  # the first of the 10 checks in the window
+    assert d.evidence["sigma0_trend"]["rise"] >= 1.8
+
+
+def test_sigma0_that_jumps_about_is_no_trend():
+    mon = HealthMonitor(HealthConfig(min_history=100, sigma_trend_checks=10))
+    for i in range(30):  # noisy around 1 with one excursion: big ratio last/first but no steady climb
+        assert not mon.observe(5 * i, {"sigma0_g_first": [1.0, 0.6, 1.3, 0.9][i % 4]}).alarm
+
+
+def test_new_state_round_trips():
+    mon = HealthMonitor(HealthConfig(min_history=3, sigma_trend_checks=5), num_classes=10)
+    _classy(mon, range(6), fidelity=0.5)
+    other = HealthMonitor(HealthConfig(min_history=3, sigma_trend_checks=5), num_classes=10)
+    other.load_state_dict(mon.state_dict())
+    assert list(other.trend) == list(mon.trend) and other.extremes == mon.extremes
+    assert other.observe(7, {"class_fidelity": 0.1}).alarm

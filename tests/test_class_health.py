@@ -1,0 +1,77 @@
+"""Class-aware health signals (pipeline/class_health.py) with the real dataset classifier on real images."""
+
+import logging
+
+import pytest
+import torch
+
+from pipeline.evaluation import real_images
+from tests.data_helpers import write_id_shards
+from tests.trainer_harness import make_trainer, tiny_config
+
+CLASSIFIER = {"health.enabled": True, "eval.reference_images": 600, "eval.classifier_epochs": 3,
+              "health.real_images": 600}
+
+
+@pytest.fixture(scope="module")
+def signals(tmp_path_factory, digits_shards):
+    shards, n = digits_shards
+    tmp = tmp_path_factory.mktemp("class-health")
+    trainer = make_trainer(tiny_config(tmp, shards, n, **CLASSIFIER), tmp)
+    trainer.class_signals.setup()
+    images, labels = real_images(shards, count=600, batch_size=200, resolution=32)
+    return trainer, trainer.class_signals, images, labels
+
+
+def _batch_like(sig, images, labels, pick=lambda rows: rows):
+    """Real images arranged as the health batch: samples_per_class of each health class."""
+    per = sig.cfg.samples_per_class
+    rows = [pick(images[labels == c][:per]) for c in sig.classes.tolist()]
+    return torch.cat(rows)
+
+
+def test_the_classifier_is_trained_once_and_cached_next_to_the_manifest(signals, digits_shards):
+    trainer, sig, _, _ = signals
+    assert sig.on and sig.off_reason is None
+    assert list(__import__("pathlib").Path(digits_shards[0]).glob("eval_classifier_32px_600_3ep.pt"))
+    assert sig.y.tolist() == sorted(sig.y.tolist()) and len(set(sig.y.tolist())) == 10  # class-balanced
+
+
+def test_real_images_score_high_fidelity_and_the_diversity_of_real_data(signals):
+    _, sig, images, labels = signals
+    out = {k: float(v) for k, v in sig.measure(_batch_like(sig, images, labels)).items()}
+    assert out["class_fidelity"] > 0.7
+    assert 0.6 < out["class_diversity"] < 1.4  # 1 = as varied as the real images the spread was taken from
+    assert out["class_fid"] > 0
+
+
+def test_one_image_per_class_has_no_diversity_and_one_class_for_all_has_chance_fidelity(signals):
+    _, sig, images, labels = signals
+    real = {k: float(v) for k, v in sig.measure(_batch_like(sig, images, labels)).items()}
+    copies = sig.measure(_batch_like(sig, images, labels, pick=lambda rows: rows[:1].expand_as(rows)))
+    assert float(copies["class_diversity"]) == pytest.approx(0.0, abs=1e-3)  # mode collapse inside each class
+    assert float(copies["class_fid"]) > real["class_fid"]
+    same = images[labels == 3].repeat(2, 1, 1, 1)[: len(sig.y)]  # every label drawn as one digit: lost conditioning
+    lost = {k: float(v) for k, v in sig.measure(same).items()}
+    assert lost["class_fidelity"] <= 0.2 and lost["class_fid"] > 2 * real["class_fid"]
+
+
+def test_a_trainer_reports_the_class_signals_at_each_check(signals):
+    trainer, _, _, _ = signals
+    out = trainer.health_signals({})
+    assert {"class_fidelity", "class_diversity", "class_fid", "variety", "sigma0_g_first"} <= out.keys()
+    assert 0.0 <= out["class_fidelity"] <= 1.0
+
+
+def test_without_a_classifier_class_signals_are_off_and_the_other_rules_run(tmp_path, caplog):
+    shards = tmp_path / "one-class"
+    write_id_shards(shards, [48], num_classes=1, resolution=32)
+    cfg = tiny_config(tmp_path, str(shards), 1, **CLASSIFIER, **{"train.steps": 6, "health.every": 2})
+    trainer = make_trainer(cfg, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pipeline.class_health"):
+        result = trainer.fit()
+    lines = [r.getMessage() for r in caplog.records if "class signals off" in r.getMessage()]
+    assert lines == ["health: class signals off: the data has a single class; the other health rules still run"]
+    assert result["status"] == "finished"
+    out = trainer.health_signals({})
+    assert "class_fidelity" not in out and {"variety", "sigma0_g_first", "sigma0_d_max"} <= out.keys()
