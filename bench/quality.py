@@ -171,7 +171,7 @@ def quality(G, ref, classifier, test: tuple[torch.Tensor, torch.Tensor], args: a
     t0 = time.perf_counter()
     cas = classification_accuracy_score(
         G, num_classes=ref.num_classes, dim_z=G.dim_z, test_images=test[0], test_labels=test[1],
-        num_samples=args.cas_samples, real_classifier=classifier, train_kwargs={"epochs": args.classifier_epochs},
+        num_samples=args.cas_samples, real_classifier=classifier, train_kwargs=ref.classifier_train_kwargs(),
     )
     cas_s = time.perf_counter() - t0
     if grid:

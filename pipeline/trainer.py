@@ -24,9 +24,10 @@ from pipeline.checkpoint import CheckpointInfo, CheckpointStore
 from pipeline.config import RunConfig, grad_accumulation_steps
 from pipeline.cross_replica import install_cross_replica_bn
 from pipeline.ema import EMA
-from pipeline.engines import build_engines, fp32_master_slices, use_bf16
+from pipeline.engines import build_engines, fp32_master_slices
 from pipeline.finetune import init_generator_from
 from pipeline.health import HealthMonitor
+from pipeline.performance import resolve
 from pipeline.placement import check_placement
 from pipeline.preemption import StopAgreement
 from pipeline.recovery import Recovery
@@ -79,7 +80,12 @@ class Trainer:
         self.report = report or (lambda metrics, ckpt: None)
         self.inject_collapse_at = inject_collapse_at
         self.accum = grad_accumulation_steps(cfg)
-        self.dtype = torch.bfloat16 if use_bf16(cfg, device) else torch.float32
+        self.speed = resolve(cfg, device)  # train.precision / channels_last / compile, "auto" decided here
+        self.dtype = torch.bfloat16 if self.speed.bf16.on else torch.float32
+        self.channels_last = self.speed.channels_last.on
+        if rank == 0:
+            print(f"[speed] on {device.type}:\n{self.speed.describe()}", flush=True)
+        tracker.set_tags(self.speed.tags())
         self.work_dir = Path(cfg.train.output_dir) / "work" / f"rank{rank}"
         self.work_dir.mkdir(parents=True, exist_ok=True)
 
@@ -138,7 +144,7 @@ class Trainer:
         x, y = next(self.data)
         self.data_wait += time.perf_counter() - t0
         x = x.to(self.device, self.dtype, non_blocking=True)
-        if self.cfg.train.channels_last:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True)
 
@@ -450,6 +456,8 @@ class Trainer:
         if self.status != "preempted":  # a preempted run finishes these when it resumes and ends
             self.ema.ready()
             self.evaluator.finish()  # every rank: truncation sweep (eval.truncation_sweep); rank 0: pending registrations
+        if self.rank == 0 and self.status == "finished":
+            self.write_review_sheets()
         if self.rank == 0:
             healthy = self.store.newest_healthy()
             if self.status == "collapsed" and healthy and not self.store.labels().get("best"):
@@ -462,6 +470,18 @@ class Trainer:
             why = f" ({preemption.reason()})" if self.status == "preempted" else ""
             print(f"[{self.status}] step {self.step} in {time.time() - start:.0f}s{why}", flush=True)
         return {"status": self.status, "step": self.step, "rollbacks": self.rollbacks, "run_id": self.tracker.run_id}
+
+    def write_review_sheets(self) -> None:
+        """Rank 0: the labelled final class grid and the interpolation sheet (pipeline/review_sheets.py)."""
+        from pipeline.review_sheets import write_review_sheets
+
+        try:
+            paths = write_review_sheets(self)
+        except Exception as err:  # noqa: BLE001 - a picture must never fail a finished run
+            log.warning("review sheets failed (%s: %s)", type(err).__name__, err)
+            return
+        print(f"[review] final class grid {paths['final_grid']}, interpolation sheet {paths['interpolation']}",
+              flush=True)
 
     def _maybe_fail_once(self) -> None:
         drills.fail_once(self)
