@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import models
+from models.layers import StatsBatchNorm
 from models.regularization import orthogonal_penalty
 from models.spectral import SpectralNorm, first_layer_sigma0, sigma0s
 from pipeline import drills, losses, preemption, tricks
@@ -99,7 +100,8 @@ class Trainer:
                        masters=lambda: fp32_master_slices(self.g_engine))
         if cfg.model.cross_replica_bn:  # after the EMA copy: EMA G normalizes with its own running statistics
             install_cross_replica_bn(self.G, group=self.g_engine.data_parallel_group)
-        self.d_has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.D.modules())
+        self.d_has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm | StatsBatchNorm)
+                                   for m in self.D.modules())
         self.noise = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank)
         self.augment_rng = augment_generator(cfg.train.seed, rank, device)  # DiffAugment: its own draws per rank
         self.replay = tricks.ReplayBuffer(cfg.tricks.replay_size, cfg.tricks.replay_fraction, seed=cfg.train.seed + rank)
