@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 TINY = ["--set", "model.g_ch=4", "--set", "model.d_ch=4", "--set", "model.dim_z=16", "--set", "model.shared_dim=8",
         "--set", "data.batch_size=8", "--set", "train.global_batch=16", "--set", "data.backend=wds",
-        "--set", "train.log_every=1", "--set", "train.sample_every=1000", "--set", "cluster.max_failures=2"]
+        "--set", "train.log_every=1", "--set", "train.sample_every=1000", "--set", "cluster.max_failures=2",
+        "--set", "eval.every=0", "--set", "eval.truncation_sweep=", "--set", "eval.cas_samples=0"]  # the demo's evaluations are not what these runs test
 STEP = re.compile(r"\[step (\d+)/(\d+)\]")  # worker lines come prefixed by Ray
 EXIT_PREEMPTED = 75
 
@@ -256,6 +257,7 @@ def _in_process_trainer(ctx: Context, **overrides):
     cfg.model.g_ch, cfg.model.d_ch, cfg.model.dim_z, cfg.model.shared_dim = 4, 4, 16, 8
     cfg.data.batch_size, cfg.train.global_batch, cfg.cluster.num_workers = 8, 8, 1
     cfg.train.output_dir = str(ctx.work / "out")
+    cfg.eval = type(cfg.eval)()  # no evaluations
     C.apply_overrides(cfg, [f"{k}={v}" for k, v in overrides.items()])
     C.validate(cfg)
     init_single_process_group()

@@ -3,6 +3,7 @@ the Classification Accuracy Score (CAS) next to the real-data classifier's accur
 
     python bench/quality.py --minutes 5 --json quality.json --grid grid.png        # the demo preset
     python bench/quality.py --preset dcgan-fmnist --steps 300 --set loss.kind=bce   # any preset, any override
+    flock /tmp/ray-tests.lock python bench/quality.py --as-user --json q.json        # `make demo` itself, timed
 
 1. Data: Fashion-MNIST at 32 px (MNIST-5k where /usr/share/datasets/fashion-mnist is absent) as shards in
    --data (made once, in this process, no Ray; the default is launch/demo.py's folder, so both share them).
@@ -171,7 +172,7 @@ def quality(G, ref, classifier, test: tuple[torch.Tensor, torch.Tensor], args: a
     t0 = time.perf_counter()
     cas = classification_accuracy_score(
         G, num_classes=ref.num_classes, dim_z=G.dim_z, test_images=test[0], test_labels=test[1],
-        num_samples=args.cas_samples, real_classifier=classifier, train_kwargs={"epochs": args.classifier_epochs},
+        num_samples=args.cas_samples, real_classifier=classifier, train_kwargs=ref.classifier_train_kwargs(),
     )
     cas_s = time.perf_counter() - t0
     if grid:
@@ -182,11 +183,10 @@ def quality(G, ref, classifier, test: tuple[torch.Tensor, torch.Tensor], args: a
     return {**scores, **cas, "fid_s": fid_s, "cas_s": cas_s}
 
 
-def evaluate(trainer, args: argparse.Namespace, dataset: str) -> dict:
+def evaluate(G_ema, cfg: C.RunConfig, args: argparse.Namespace, dataset: str, raw_G=None) -> dict:
     """The final EMA G (and with --raw-g the trained G itself, under "raw_g")."""
     from pipeline import evaluation
 
-    cfg = trainer.cfg
     ecfg = C.EvalConfig(
         features="classifier", num_samples=args.eval_samples, batch_size=250, reference_images=args.reference_images,
         classifier_epochs=args.classifier_epochs, pr_samples=args.eval_samples,
@@ -198,12 +198,70 @@ def evaluate(trainer, args: argparse.Namespace, dataset: str) -> dict:
     classifier = ref.classifier()
     clf_s = time.perf_counter() - t0
     test = held_out(dataset, args.test_images)
-    out = quality(trainer.ema.ready(), ref, classifier, test, args, args.grid)
-    if args.raw_g:
+    out = quality(G_ema, ref, classifier, test, args, args.grid)
+    if raw_G is not None:
         grid = str(Path(args.grid).with_name(Path(args.grid).stem + "_raw_g.png")) if args.grid else None
-        out["raw_g"] = quality(trainer.G, ref, classifier, test, args, grid)
+        out["raw_g"] = quality(raw_G, ref, classifier, test, args, grid)
     return {**out, "extractor": ref.extractor().name, "reference_count": ref.count,
             "test_images": int(test[0].shape[0]), "classifier_s": clf_s}
+
+
+def run_demo_as_user(args: argparse.Namespace, shards: str) -> tuple[dict, float, str]:
+    """`python launch/demo.py --data SHARDS [--set ...]` in a subprocess (2 Ray workers, as `make demo` runs it):
+    (its [done] result, wall seconds, its console output). Run the bench under flock /tmp/ray-tests.lock."""
+    import subprocess
+
+    cmd = [sys.executable, str(ROOT / "launch" / "demo.py"), "--data", shards]
+    for item in args.overrides:
+        cmd += ["--set", item]
+    if args.steps:
+        cmd += ["--set", f"train.steps={args.steps}"]
+    print(f"[quality] running {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=args.out or ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise SystemExit(f"launch/demo.py failed with exit code {proc.returncode}:\n{output[-4000:]}")
+    lines = proc.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("[done] "))
+    end = next(i for i in range(start, len(lines)) if lines[i] == "}")
+    result = json.loads("\n".join([lines[start].removeprefix("[done] "), *lines[start + 1:end + 1]]))
+    return result, seconds, output
+
+
+def newest_g_ema(checkpoints: str) -> Path:
+    from pipeline.checkpoint import CheckpointStore
+
+    info = CheckpointStore(checkpoints).latest()
+    if info is None:
+        raise SystemExit(f"no committed checkpoint under {checkpoints}")
+    return Path(info.path) / "g_ema.pt"
+
+
+def main_as_user(args: argparse.Namespace, dataset: str, shards: str, wall0: float) -> int:
+    """--as-user: time launch/demo.py end to end, then score the EMA G of its last checkpoint on the test split."""
+    from pipeline.sample import load_generator
+
+    result, demo_s, output = run_demo_as_user(args, shards)
+    path = newest_g_ema(result["checkpoints"])
+    G, cfg, _ = load_generator(path)
+    scores = evaluate(G, cfg, args, dataset)
+    gap = scores["real_accuracy"] - scores["cas"]
+    report = {"mode": "as-user", "command": f"launch/demo.py --data {shards} " + " ".join(
+                  f"--set {o}" for o in args.overrides), "demo_wall_s": demo_s, "wall_s": time.perf_counter() - wall0,
+              "steps": result.get("step"), "status": result.get("status"), "checkpoint": str(path),
+              "loadavg_end": os.getloadavg(), **scores, "cas_gap": gap,
+              "console_lines": len(output.splitlines())}
+    print(f"[quality] demo as a user runs it: {demo_s / 60:.1f} min wall ({result.get('step')} steps, "
+          f"{result.get('status')}), load average now {os.getloadavg()[0]:.1f}\n"
+          f"  EMA G: FID (classifier features) {scores['fid']:.3f}; CAS {scores['cas']:.3f} vs real-data classifier "
+          f"{scores['real_accuracy']:.3f}: gap {100 * gap:.1f} points (on {scores['test_images']} test images)",
+          flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    return 0
 
 
 # -- main -------------------------------------------------------------------------------------------------------
@@ -229,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-per-class", type=int, default=10)
     p.add_argument("--raw-g", action="store_true",
                    help="also score the trained G itself (not its EMA) and draw its grid (<grid>_raw_g.png)")
+    p.add_argument("--as-user", action="store_true",
+                   help="run launch/demo.py as a user does (2 Ray workers; under flock /tmp/ray-tests.lock), time it, "
+                        "then score its last checkpoint (--set and --steps go to the demo)")
     p.add_argument("--json", default=None, help="write the results here")
     return p
 
@@ -240,12 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     wall0 = time.perf_counter()
     dataset = dataset_name()
     shards = prepare_shards(args.data, dataset)
+    if args.as_user:
+        return main_as_user(args, dataset, str(Path(shards).resolve()), wall0)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="quality-"))
     cfg = build_config(args, shards, out)
     print(f"[quality] preset {cfg.preset} on {dataset} ({shards}); steps <= {cfg.train.steps}"
           + (f", budget {args.minutes:g} min" if args.minutes else "") + f"; overrides {args.overrides}", flush=True)
     trainer, result, train_s = train(cfg, args.minutes, args.tracking_uri)
-    scores = evaluate(trainer, args, dataset)
+    scores = evaluate(trainer.ema.ready(), trainer.cfg, args, dataset, raw_G=trainer.G if args.raw_g else None)
     wall_s = time.perf_counter() - wall0
     report = {
         "preset": cfg.preset, "overrides": args.overrides, "dataset": dataset, "status": result["status"],

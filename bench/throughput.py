@@ -5,7 +5,8 @@
     python bench/throughput.py --loader-only --resolution 128    # the input pipeline alone
 
 One iteration is what `Trainer.train_iteration` does: 2 D steps, 1 G step (and the EMA update).
-(a) the real `Trainer`: DeepSpeed engines (bf16 on GPU, fp32 on CPU: train.precision=auto), the real loader
+(a) the real `Trainer`: DeepSpeed engines (train.precision/channels_last/compile=auto as pipeline/performance.py
+    resolves them: bf16 on GPUs and on CPUs with AMX-BF16/AVX512-BF16), the real loader
     (`build_loader`, backend auto: DALI on GPU) on shards written from synthetic 128 px-ish JPEGs, or on
     --shards; the knobs train.precision, train.channels_last, train.compile are flags, anything else --set.
 (b) the bare step as ajbrock/BigGAN-PyTorch trains by default: G and D from `models`, torch Adam, hinge loss,
@@ -156,7 +157,7 @@ def speeds(times: dict[str, float], images_per_iter: int) -> dict[str, float]:
 
 # -- configuration ---------------------------------------------------------------------------------------------
 def run_config(arch: str, resolution: int, batch: int, ch: int | None, work: Path, shards: str,
-               precision: str = "auto", channels_last: bool = False, compile: bool = False,
+               precision: str = "auto", channels_last: str = "auto", compile: str = "auto",
                overrides: list[str] | None = None) -> C.RunConfig:
     """The arch's paper preset on one worker, at `batch` per step and no gradient accumulation."""
     cfg = get_preset(ARCH_PRESETS[arch])
@@ -362,8 +363,9 @@ def bench_trainer(cfg: C.RunConfig, device: torch.device, work: Path, warmup: in
             **speeds(times, cfg.loss.d_steps * cfg.data.batch_size),
             "data_wait": trainer.data_wait / iters, "data_wait_frac": trainer.data_wait / times["mean"] / iters,
             "peak_mem": peak_mem(device), "flops_per_iter": flops, "dtype": str(trainer.dtype).replace("torch.", ""),
-            "precision": cfg.train.precision, "channels_last": cfg.train.channels_last,
-            "compile": cfg.train.compile, "compile_applied": is_compiled(trainer),
+            "precision": cfg.train.precision, "channels_last": trainer.speed.channels_last.on,
+            "compile": trainer.speed.compile.on, "compile_applied": is_compiled(trainer),
+            "speed": trainer.speed.tags(),
             "loader_backend": trainer.loader.backend, "zero_stage": cfg.optim.zero_stage,
         }
     finally:
@@ -478,7 +480,7 @@ def print_run(r: dict) -> None:
           f"{fmt_bytes(b['peak_mem']):>10} {'-':>15}")
     print(f"  ratio (a)/(b): {r['ratio']:.2f}")
     if a["compile"] and not a["compile_applied"]:
-        print("  note: train.compile=true, but the trainer did not compile G or D (the flag has no effect yet)")
+        print("  note: the plan says compile, but the trainer did not compile G or D")
     if "loader" in r:
         lo = r["loader"]
         print(f"  loader ({lo['backend']}, {lo['resolution']} px): {lo['images_per_s']:.1f} img/s = "
@@ -497,8 +499,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations (GPU 5, CPU 3)")
     p.add_argument("--iters", type=int, default=None, help="timed iterations (GPU 20, CPU 20)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="(a): train.precision")
-    p.add_argument("--channels-last", action="store_true", help="(a): train.channels_last=true")
-    p.add_argument("--compile", action="store_true", help="(a): train.compile=true")
+    p.add_argument("--channels-last", nargs="?", const="true", default="auto", choices=("auto", "true", "false"),
+                   help="(a): train.channels_last (default auto; the bare flag means true)")
+    p.add_argument("--compile", nargs="?", const="true", default="auto", choices=("auto", "true", "false"),
+                   help="(a): train.compile (default auto; the bare flag means true)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="any other config override for (a) and (b), e.g. data.num_threads=4")
     p.add_argument("--shards", default=None, help="real shard set to read (default: synthetic shards in a temp dir)")

@@ -8,13 +8,14 @@ scripts works here too (`--set train.steps=100`, `--dry-run`, ...).
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # so `python launch/demo.py` finds the project
 
 from pipeline.cli import build_parser as _build_parser  # noqa: E402
-from pipeline.cli import main  # noqa: E402
+from pipeline.cli import run as train  # noqa: E402
 
 PRESET = "demo"
 DEFAULT_DATA = "data/demo-shards"
@@ -49,16 +50,43 @@ def run(argv: list[str], preset: str = PRESET) -> int:
     from pipeline.tracking import default_tracking_uri
 
     uri = default_tracking_uri()  # decided before training: Ray may change the working directory
-    code = main(preset, argv)
-    if code == 0 and not (args.dry_run or args.print_config):
-        if uri.startswith("http"):
-            where = f"  open {uri} (experiment 'biggan': metrics, sample grids, config)"
-        else:
-            where = (f"  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri} --host 127.0.0.1\n"
-                     "  then open http://127.0.0.1:5000 (experiment 'biggan': metrics, sample grids, config)")
-        print(f"\n[demo] done. Look at the run in MLflow:\n{where}\n"
-              "  checkpoints and sample PNGs are under runs/<run name>/", flush=True)
+    t0 = time.monotonic()
+    code, result = train(preset, argv)
+    if code == 0 and result is not None:
+        print(summary(result, uri, time.monotonic() - t0), flush=True)
     return code
+
+
+def summary(result: dict, uri: str, seconds: float) -> str:
+    """The last lines: where the final grid, the registered model and the MLflow run are."""
+    run_id, tracking = result.get("mlflow_run_id") or "", result.get("tracking_uri") or uri
+    output = Path(result["checkpoints"]).parent if result.get("checkpoints") else None
+    grid = output / "work" / "rank0" / "review" / "final_grid.png" if output else None
+    tags, experiment = {}, ""
+    try:
+        from mlflow import MlflowClient
+
+        run = MlflowClient(tracking_uri=tracking).get_run(run_id)
+        tags, experiment = run.data.tags, run.info.experiment_id
+    except Exception as err:  # noqa: BLE001 - the summary must not fail a finished run
+        tags = {"note": f"(could not read the run: {type(err).__name__})"}
+    model = tags.get("best_model_version", "")
+    lines = [f"\n[demo] done in {seconds / 60:.1f} min."]
+    if grid is not None and grid.is_file():
+        lines.append(f"  final class grid  {grid}  (MLflow: review/final_grid.png, review/interpolation.png)")
+    if model:
+        name, _, version = model.partition("/")
+        lines.append(f"  registered model  {name} version {version} (best FID {tags.get('best_fid', '?')}): "
+                     f"models:/{name}@best  ->  python -m pipeline.sample models:/{name}@best --out samples.png")
+    if uri.startswith("http"):
+        lines.append(f"  MLflow run        {uri}/#/experiments/{experiment}/runs/{run_id}")
+    else:
+        lines.append(f"  MLflow run        {run_id} in {uri}; open it with\n"
+                     f"    {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri} --host 127.0.0.1\n"
+                     f"    then http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}")
+    if output is not None:
+        lines.append(f"  checkpoints       {result['checkpoints']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ class DCGANDiscriminator(nn.Module):
         for i, c_out in enumerate(widths):
             layers.append(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=(i == 0 or norm == "none")))
             if i > 0 and norm == "batch":
-                layers.append(nn.BatchNorm2d(c_out, eps=bn_eps))
+                layers.append(StatsBatchNorm2d(c_out, eps=bn_eps))  # fp32 statistics under bf16, as G's
             elif i > 0 and norm == "layer":
                 layers.append(nn.GroupNorm(1, c_out, eps=bn_eps))
             layers.append(nn.LeakyReLU(0.2, inplace=True))

@@ -99,6 +99,11 @@ def cluster_plan(cfg: C.RunConfig) -> dict:
 
 
 def main(preset: str, argv: list[str] | None = None) -> int:
+    return run(preset, argv)[0]
+
+
+def run(preset: str, argv: list[str] | None = None) -> tuple[int, dict | None]:
+    """(exit code, run_training's result; None for --dry-run and --print-config)."""
     parser = build_parser(preset)
     args = parser.parse_args(argv)
     try:
@@ -107,14 +112,14 @@ def main(preset: str, argv: list[str] | None = None) -> int:
         parser.error(str(err))
     if args.print_config:
         print(cfg.dumps())
-        return 0
+        return 0, None
     if not args.dry_run:  # from here a SIGTERM or Ctrl-C is a preemption (exit 75), not a crash
         preemption.install_handlers()
     print(f"[config] resolved configuration for preset {preset!r}:\n{cfg.dumps()}", flush=True)
     plan = cluster_plan(cfg)
     print(f"[plan] {json.dumps(plan, indent=2)}", flush=True)
     if args.dry_run:
-        return 0
+        return 0, None
     if not cfg.data.shards:
         parser.error("no data: pass --data SHARDS (a folder or URL made by `python -m data_prep.make_shards`)")
     from pipeline.orchestrate import run_training
@@ -124,7 +129,7 @@ def main(preset: str, argv: list[str] | None = None) -> int:
     except (resume.ResumeError, C.ConfigError) as err:
         parser.error(str(err))
     print(f"[done] {json.dumps(result, indent=2, default=str)}", flush=True)
-    return exit_code(result.get("status"))
+    return exit_code(result.get("status")), result
 
 
 def exit_code(status: str | None) -> int:

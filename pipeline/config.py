@@ -146,15 +146,15 @@ class TrainConfig:
     steps: int = bounded(250_000, ge=1)  # G steps
     global_batch: int = bounded(2048, ge=1)  # images per D step over all workers (gradient accumulation fills the gap)
     seed: int = bounded(0, ge=0, le=2**31 - 1)
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on GPUs with bf16 and CPUs with amx_bf16/avx512_bf16, else fp32) | bf16 | fp32
     log_every: int = bounded(20, ge=1)
     sample_every: int = bounded(1000, ge=1)
     checkpoint_every: int = bounded(1000, ge=1)
     checkpoint_every_minutes: float = bounded(0.0, ge=0)  # also commit when this much time passed since the last one; 0 = off
     keep_last: int = bounded(3, ge=0)  # checkpoints kept besides the best and the newest healthy one
     output_dir: str = "runs"  # local checkpoints and samples (per run subfolder)
-    channels_last: bool = False  # NHWC images into D and G's convolutions (DeepSpeed keeps weights NCHW)
-    compile: bool = False  # torch.compile G and D in place (GPU; measure with bench/throughput.py)
+    channels_last: str = "auto"  # NHWC images into D's convolutions: auto (where bf16 runs) | true | false
+    compile: str = "auto"  # torch.compile G and D in place: auto (CPU bf16 runs long enough to repay it) | true | false
 
 
 @dataclass
@@ -224,8 +224,11 @@ class EvalConfig:
     reference_images: int = bounded(0, ge=0)  # real images for the reference statistics and the classifier; 0 = num_samples
     pr_samples: int = bounded(10_000, ge=1)  # feature rows per side compared for precision/recall
     classifier_epochs: int = bounded(8, ge=1)  # training passes of the dataset classifier (features=classifier)
+    classifier_precision: str = "auto"  # training the dataset and CAS classifiers: auto (bf16 where train.precision=auto picks it) | bf16 | fp32
     truncation_sweep: str = ""  # thresholds evaluated at the end of training, e.g. "0.25,0.5,1.0,0" (0 = none); "" = off
     register_model: str = "biggan-{preset}"  # MLflow registered-model name for best checkpoints; "" = off
+    cas_samples: int = bounded(0, ge=0)  # class-balanced samples a classifier trains on for eval/cas (classifier_epochs); 0 = off
+    cas_test_images: int = bounded(2000, ge=1)  # real images after the reference ones, held out to test CAS and the real classifier
 
 
 @dataclass
@@ -265,9 +268,26 @@ CHOICES: dict[str, tuple] = {
     "optim.zero_stage": (0, 1),
     "loss.kind": ("hinge", "bce", "wgan-gp"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "train.channels_last": ("auto", "true", "false"),
+    "train.compile": ("auto", "true", "false"),
+    "eval.classifier_precision": ("auto", "bf16", "fp32"),
     "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
+# auto | true | false fields: booleans and their spellings (on/off, yes/no, 1/0) are accepted and stored as words
+SWITCHES = ("train.channels_last", "train.compile")
 MITIGATIONS = ("halve_lr", "double_r1", "reset_d_opt", "reseed_data")
+
+
+def switch_value(value: Any) -> Any:
+    """`auto`, `true` or `false` for a SWITCHES field; anything else is returned as is (validate names it)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    word = str(value).strip().lower()
+    if word in ("true", "1", "yes", "on"):
+        return "true"
+    if word in ("false", "0", "no", "off"):
+        return "false"
+    return word if word == "auto" else value
 
 
 def _field_type(section: Any, name: str) -> Any:
@@ -326,6 +346,8 @@ def set_field(cfg: RunConfig, key: str, value: Any) -> None:
     names = [f.name for f in dataclasses.fields(section)]
     if parts[1] not in names:
         raise ConfigError(f"unknown config field {key!r}; {parts[0]} has: {', '.join(names)}")
+    if key in SWITCHES:
+        value = switch_value(value)
     setattr(section, parts[1], _coerce(key, value, _field_type(section, parts[1])))
 
 
@@ -363,6 +385,9 @@ def load_yaml(cfg: RunConfig, path: str | Path) -> RunConfig:
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check every constrained field; raise ConfigError naming the first bad one."""
+    for key in SWITCHES:  # a preset or a caller may have assigned a bool
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, switch_value(getattr(getattr(cfg, section), name)))
     flat = cfg.flat()
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:

@@ -1,4 +1,4 @@
-"""Wrap G and D in two DeepSpeed engines (data parallel, ZeRO 0/1, bf16 on GPU, fp32 on CPU).
+"""Wrap G and D in two DeepSpeed engines (data parallel, ZeRO 0/1, bf16 or fp32 as pipeline/performance.py decides).
 
 Each engine gets its own config dict and a plain torch Adam: DeepSpeed's own `{"type": "Adam"}` compiles
 FusedAdam for minutes on CPU (STACK-NOTES), and torch's fused Adam is as fast on GPU.
@@ -14,16 +14,13 @@ import torch
 from torch import nn
 
 from pipeline.config import RunConfig, grad_accumulation_steps
+from pipeline.performance import resolve
 
 log = logging.getLogger(__name__)
 
 
 def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
-    if cfg.train.precision == "bf16":
-        return True
-    if cfg.train.precision == "fp32":
-        return False
-    return device.type == "cuda"
+    return resolve(cfg, device).bf16.on
 
 
 def ds_config(cfg: RunConfig, world_size: int, bf16: bool) -> dict:
@@ -66,9 +63,10 @@ def build_engines(cfg: RunConfig, G: nn.Module, D: nn.Module, device: torch.devi
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     import deepspeed
 
-    bf16 = use_bf16(cfg, device)
+    plan = resolve(cfg, device)
+    bf16 = plan.bf16.on
     G, D = G.to(device), D.to(device)
-    if cfg.train.compile:
+    if plan.compile.on:
         # in place, so both the engines and direct module calls (D in the G step, R1) run compiled code
         G.compile()
         D.compile()

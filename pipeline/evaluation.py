@@ -128,6 +128,8 @@ class ReferenceSet:
         self._vgg: tuple[metrics.FeatureExtractor, metrics.ReferenceStats] | None = None
         self._images: tuple[Tensor, Tensor] | None = None  # kept only between training the classifier and the stats
         self._shared = False  # prepare() done: every rank of the group holds the real side
+        self._held_out: tuple[Tensor, Tensor] | None = None  # CAS test images (held_out)
+        self._real_accuracy: float | None = None
 
     @property
     def cache_dir(self) -> Path:
@@ -143,10 +145,25 @@ class ReferenceSet:
             self._count = min(wanted, int(read_manifest(self.shards)["num_samples"]))
         return self._count
 
+    @property
+    def classifier_bf16(self) -> bool:
+        """Train the classifiers (dataset and CAS) in bf16: eval.classifier_precision, auto as train.precision=auto."""
+        choice = self.ecfg.classifier_precision
+        if choice == "auto":
+            from pipeline.performance import native_bf16  # noqa: PLC0415
+
+            return native_bf16(self.device)
+        return choice == "bf16"
+
+    def classifier_train_kwargs(self) -> dict:
+        return {"epochs": self.ecfg.classifier_epochs, "bf16": self.classifier_bf16}
+
     def classifier(self) -> metrics.SmallClassifier:
         """The dataset classifier (trained on the first `count` real images once, then loaded from the cache)."""
         if self._classifier is None:
-            path = self.cache_dir / f"eval_classifier_{self.resolution}px_{self.count}_{self.ecfg.classifier_epochs}ep.pt"
+            suffix = "_bf16" if self.classifier_bf16 else ""
+            path = (self.cache_dir /
+                    f"eval_classifier_{self.resolution}px_{self.count}_{self.ecfg.classifier_epochs}ep{suffix}.pt")
 
             def data() -> tuple[Tensor, Tensor]:
                 self._images = real_images(self.shards, count=self.count, batch_size=self.ecfg.batch_size,
@@ -154,7 +171,7 @@ class ReferenceSet:
                 return self._images
 
             self._classifier = metrics.load_or_train_classifier(
-                path, data, self.num_classes, device=self.device, epochs=self.ecfg.classifier_epochs, seed=SEED,
+                path, data, self.num_classes, device=self.device, seed=SEED, **self.classifier_train_kwargs(),
             )
         return self._classifier
 
@@ -248,6 +265,26 @@ class ReferenceSet:
                                                    "(eval.vgg16_weights / $BIGGAN_VGG16_WEIGHTS)")
             self._vgg = (vgg, payload["vgg16"])
 
+    def held_out(self) -> tuple[Tensor, Tensor]:
+        """eval.cas_test_images real images that come after the `count` reference images in the fixed order: never
+        seen by the dataset classifier, so CAS and the real classifier are tested on the same unseen images."""
+        if self._held_out is None:
+            total = int(read_manifest(self.shards)["num_samples"])
+            n = min(self.ecfg.cas_test_images, total - self.count)
+            if n <= 0:
+                raise ValueError(f"eval.cas_test_images: no real images are left for CAS after the {self.count} "
+                                 f"reference images of {total}; lower eval.reference_images")
+            x, y = real_images(self.shards, count=self.count + n, batch_size=self.ecfg.batch_size,
+                               resolution=self.resolution)
+            self._held_out = (x[self.count:], y[self.count:])
+        return self._held_out
+
+    def real_accuracy(self) -> float:
+        """The dataset classifier's accuracy on the held-out images: what CAS is measured against."""
+        if self._real_accuracy is None:
+            self._real_accuracy = metrics.accuracy(self.classifier(), *self.held_out())
+        return self._real_accuracy
+
     def pr_spaces(self) -> list[tuple[metrics.FeatureExtractor, metrics.ReferenceStats]]:
         """Feature spaces for precision/recall besides eval.features (VGG16, once prepared)."""
         return [self._vgg] if self._vgg is not None else []
@@ -286,6 +323,24 @@ def score(G: nn.Module, reference: ReferenceSet, *, num_classes: int, truncation
         truncation=truncation, device=device, seed=SEED, pr_samples=ecfg.pr_samples,
         pr_spaces=reference.pr_spaces(), group=group,
     )
+
+
+def cas(G: nn.Module, reference: ReferenceSet, *, num_classes: int, device: torch.device | str = "cpu"
+        ) -> dict[str, float]:
+    """{'cas', 'real_accuracy', 'cas_gap'}: a classifier like the dataset one (same epochs) trained on
+    eval.cas_samples class-balanced samples of a standing-statistics copy of G, and the dataset classifier, both
+    tested on the held-out real images. Deterministic: every rank that calls it gets the same numbers."""
+    ecfg = reference.ecfg
+    G_eval = evaluation_copy(G, passes=ecfg.standing_stats_passes, batch_size=ecfg.batch_size, device=device)
+    test_images, test_labels = reference.held_out()
+    out = metrics.classification_accuracy_score(
+        G_eval, num_classes=num_classes, dim_z=G_eval.dim_z, test_images=test_images, test_labels=test_labels,
+        num_samples=ecfg.cas_samples, batch_size=ecfg.batch_size, device=device, seed=SEED,
+        train_kwargs=reference.classifier_train_kwargs(),
+    )
+    out["real_accuracy"] = reference.real_accuracy()
+    out["cas_gap"] = out["real_accuracy"] - out["cas"]
+    return out
 
 
 @contextlib.contextmanager
@@ -399,6 +454,8 @@ class Evaluator:
         t0 = time.perf_counter()
         result = score(t.ema.model, self.reference, num_classes=t.cfg.model.num_classes,
                        truncation=self.cfg.truncation, device=t.device, group=self.group)
+        if self.cfg.cas_samples:  # every rank computes the same CAS (seeded), so no rank waits for another's
+            result |= cas(t.ema.model, self.reference, num_classes=t.cfg.model.num_classes, device=t.device)
         result["seconds"] = time.perf_counter() - t0
         self.latest = result
         return result

@@ -152,6 +152,7 @@ def worker_main(config: dict) -> None:
     from pipeline.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its database set-up and monitor notes are not ours to show
     cfg, paths = from_dict(config["cfg"]), config["paths"]
     ctx = ray.train.get_context()
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()

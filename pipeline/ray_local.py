@@ -10,6 +10,7 @@ from pathlib import Path
 
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 PROJECT_PACKAGES = ("pipeline", "models", "data_prep")
+NO_PRINT_PATCH = ("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 def init_ray(num_cpus: int | None = None, object_store_mb: int = 512, dashboard: bool = False) -> bool:
@@ -21,6 +22,9 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 512, dashboard:
     pinned to the loopback interface too (GLOO_SOCKET_IFNAME=lo), inherited by the local workers. `dashboard`
     starts Ray's dashboard on 127.0.0.1 (Ray Train's state queries need it; make_shards does not).
     """
+    # NOTE: Ray Train V2 routes a worker's print() through the root logger *and* tees it to stdout (stdout is
+    # wrapped in a worker), so every line of ours arrived twice; this turns that patch off in the workers
+    os.environ.setdefault(NO_PRINT_PATCH[0], NO_PRINT_PATCH[1])
     if os.environ.get("RAY_ADDRESS"):
         import ray  # noqa: PLC0415
 
@@ -30,8 +34,8 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 512, dashboard:
         # connects ships the project's packages itself
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
         modules = [str(Path(REPO_ROOT) / p) for p in PROJECT_PACKAGES]
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=None if in_job else {"py_modules": modules},
-                 log_to_driver=True)
+        env = {"py_modules": modules, "env_vars": dict([NO_PRINT_PATCH])}
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=None if in_job else env, log_to_driver=True)
         return True
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -154,7 +155,9 @@ def dataset_input(shards: str, manifest: dict[str, Any]):
             return {**super().to_dict(), "profile": json.dumps(self.profile)}
 
     try:
-        source = resolve_dataset_source(shards)
+        with warnings.catch_warnings():  # a local folder is both a local-artifact and a file source to MLflow: either will do
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+            source = resolve_dataset_source(shards)
     except Exception:  # noqa: BLE001 - a URL scheme MLflow has no source type for: keep it as an HTTP-style URL
         from mlflow.data.http_dataset_source import HTTPDatasetSource
 

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import models
+from models.layers import StatsBatchNorm
 from models.regularization import orthogonal_penalty
 from models.spectral import SpectralNorm, first_layer_sigma0, sigma0s
 from pipeline import drills, losses, preemption, tricks
@@ -26,9 +27,10 @@ from pipeline.config import RunConfig, grad_accumulation_steps
 from pipeline.cross_replica import install_cross_replica_bn
 from pipeline.data.faults import DataFaultError
 from pipeline.ema import EMA
-from pipeline.engines import build_engines, fp32_master_slices, use_bf16
+from pipeline.engines import build_engines, fp32_master_slices
 from pipeline.finetune import init_generator_from
 from pipeline.health import HealthMonitor
+from pipeline.performance import resolve
 from pipeline.placement import check_placement
 from pipeline.preemption import StopAgreement
 from pipeline.recovery import Recovery
@@ -81,7 +83,12 @@ class Trainer:
         self.report = report or (lambda metrics, ckpt: None)
         self.inject_collapse_at = inject_collapse_at
         self.accum = grad_accumulation_steps(cfg)
-        self.dtype = torch.bfloat16 if use_bf16(cfg, device) else torch.float32
+        self.speed = resolve(cfg, device)  # train.precision / channels_last / compile, "auto" decided here
+        self.dtype = torch.bfloat16 if self.speed.bf16.on else torch.float32
+        self.channels_last = self.speed.channels_last.on
+        if rank == 0:
+            print(f"[speed] on {device.type}:\n{self.speed.describe()}", flush=True)
+        tracker.set_tags(self.speed.tags())
         self.work_dir = Path(cfg.train.output_dir) / "work" / f"rank{rank}"
         self.work_dir.mkdir(parents=True, exist_ok=True)
 
@@ -95,7 +102,8 @@ class Trainer:
                        masters=lambda: fp32_master_slices(self.g_engine))
         if cfg.model.cross_replica_bn:  # after the EMA copy: EMA G normalizes with its own running statistics
             install_cross_replica_bn(self.G, group=self.g_engine.data_parallel_group)
-        self.d_has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.D.modules())
+        self.d_has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm | StatsBatchNorm)
+                                   for m in self.D.modules())
         self.noise = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank)
         self.augment_rng = augment_generator(cfg.train.seed, rank, device)  # DiffAugment: its own draws per rank
         self.replay = tricks.ReplayBuffer(cfg.tricks.replay_size, cfg.tricks.replay_fraction, seed=cfg.train.seed + rank)
@@ -141,7 +149,7 @@ class Trainer:
         x, y = next(self.data)
         self.data_wait += time.perf_counter() - t0
         x = x.to(self.device, self.dtype, non_blocking=True)
-        if self.cfg.train.channels_last:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True)
 
@@ -460,6 +468,8 @@ class Trainer:
         if self.status != "preempted":  # a preempted run finishes these when it resumes and ends
             self.ema.ready()
             self.evaluator.finish()  # every rank: truncation sweep (eval.truncation_sweep); rank 0: pending registrations
+        if self.rank == 0 and self.status == "finished":
+            self.write_review_sheets()
         if self.rank == 0:
             healthy = self.store.newest_healthy()
             if self.status == "collapsed" and healthy and not self.store.labels().get("best"):
@@ -472,6 +482,18 @@ class Trainer:
             why = f" ({preemption.reason()})" if self.status == "preempted" else ""
             print(f"[{self.status}] step {self.step} in {time.time() - start:.0f}s{why}", flush=True)
         return {"status": self.status, "step": self.step, "rollbacks": self.rollbacks, "run_id": self.tracker.run_id}
+
+    def write_review_sheets(self) -> None:
+        """Rank 0: the labelled final class grid and the interpolation sheet (pipeline/review_sheets.py)."""
+        from pipeline.review_sheets import write_review_sheets
+
+        try:
+            paths = write_review_sheets(self)
+        except Exception as err:  # noqa: BLE001 - a picture must never fail a finished run
+            log.warning("review sheets failed (%s: %s)", type(err).__name__, err)
+            return
+        print(f"[review] final class grid {paths['final_grid']}, interpolation sheet {paths['interpolation']}",
+              flush=True)
 
     def _maybe_fail_once(self) -> None:
         drills.fail_once(self)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bench import scaling, throughput
+from pipeline.performance import cpu_bf16_flags
 from tests.conftest import ROOT
 
 TINY = ["--device", "cpu", "--arch", "biggan", "--ch", "4", "--resolution", "32", "--batch", "4",
@@ -44,11 +45,14 @@ def test_throughput_runs_trainer_and_bare_step_and_reports_every_field(tiny_thro
         assert side["mfu"] is None  # no peak known for a CPU unless --peak-tflops is given
     assert run["ratio"] == pytest.approx(a["images_per_s"] / b["images_per_s"])
     assert 0 <= a["data_wait"] < a["iter_s_mean"]
-    assert a["dtype"] == "float32" and a["loader_backend"] in ("dali-cpu", "wds")
+    # train.precision=auto: what pipeline/performance.py chose for this CPU, and said so
+    bf16 = a["speed"]["speed.precision"] == "bf16"
+    assert a["dtype"] == ("bfloat16" if bf16 else "float32") and a["loader_backend"] in ("dali-cpu", "wds")
+    assert bf16 == bool(cpu_bf16_flags()) and a["speed"]["speed.precision.reason"].startswith("auto")
     # the trainer and the bare step do the same math on the same model
     assert run["flops_per_iter"] > 0 and run["flops_per_iter_a"] == run["flops_per_iter"]
     params = run["params"]
-    assert run["grad_bytes_per_iter"] == (2 * params["D"] + params["G"]) * 4
+    assert run["grad_bytes_per_iter"] == (2 * params["D"] + params["G"]) * (2 if bf16 else 4)
     assert run["loader"]["images_per_s"] > 0
     assert run["loader"]["ratio_to_a"] == pytest.approx(run["loader"]["images_per_s"] / a["images_per_s"])
     assert "ratio (a)/(b)" in stdout and "MFU" in stdout

@@ -57,7 +57,7 @@ def test_evaluation_in_training_logs_fid_marks_best_and_registers_the_model(tmp_
     name = f"biggan-test-{uuid.uuid4().hex[:8]}"
     cfg = tiny_config(tmp_path, shards, n, **FAST_EVAL, **{
         "train.steps": 4, "train.checkpoint_every": 2, "eval.every": 2, "eval.register_model": name,
-        "eval.truncation_sweep": "0.5,0",
+        "eval.truncation_sweep": "0.5,0", "eval.cas_samples": 60, "eval.cas_test_images": 100,
     })
     tracker = Tracker(mlflow_server.uri, "eval-test", f"eval-{uuid.uuid4().hex[:6]}", retry_wait=0.2)
     trainer = make_trainer(cfg, tmp_path, tracker=tracker)
@@ -74,6 +74,9 @@ def test_evaluation_in_training_logs_fid_marks_best_and_registers_the_model(tmp_
     for key in ("eval/is_mean", "eval/precision_classifier", "eval/recall_classifier", "truncation/0.5/fid",
                 "truncation/none/fid"):
         assert key in logged
+    cas = client.get_metric_history(run_id, "eval/cas")  # CAS at every evaluation, next to the real baseline
+    assert sorted(m.step for m in cas) == [2, 4] and all(0 <= m.value <= 1 for m in cas)
+    assert logged["eval/cas_gap"] == pytest.approx(logged["eval/real_accuracy"] - logged["eval/cas"])
 
     # the best evaluation marks its checkpoint, and its g_ema.pt is a registered model version
     fids = {m.step: m.value for m in history}
@@ -95,6 +98,44 @@ def test_evaluation_in_training_logs_fid_marks_best_and_registers_the_model(tmp_
     # the truncation sweep: a plot and the numbers as artifacts
     artifacts = {f.path for f in client.list_artifacts(run_id, "eval")}
     assert {"eval/truncation_sweep.png", "eval/truncation_sweep.json"} <= artifacts
+
+
+class ClassBankG(torch.nn.Module):
+    """A generator that returns a real image of class (y + shift) % K picked by z: shift 0 is a perfect
+    class-conditional G, shift 1 one whose every sample shows the wrong class."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, shift: int = 0):
+        super().__init__()
+        self.dim_z, self.num_classes, self.shift = 8, num_classes, shift
+        self.scale = torch.nn.Parameter(torch.ones(()))  # generate() reads the dtype of G's parameters
+        self.bank = [images[labels == k] for k in range(num_classes)]
+
+    def forward(self, z, y):
+        out = []
+        for zi, yi in zip(z, y.tolist()):
+            pool = self.bank[(yi + self.shift) % self.num_classes]
+            out.append(pool[int(zi[0].abs() * 1e4) % pool.shape[0]])
+        return torch.stack(out) * self.scale
+
+
+def test_cas_is_near_the_real_accuracy_for_a_class_faithful_g_and_near_zero_for_a_class_swapped_one(tmp_path, digits):
+    shards, n = digits
+    ecfg = C.EvalConfig(features="classifier", reference_images=300, classifier_epochs=6, batch_size=100,
+                        standing_stats_passes=1, cas_samples=300, cas_test_images=200)
+    ref = evaluation.ReferenceSet(ecfg, shards, resolution=32, num_classes=n, output_dir=tmp_path / "run")
+    held_x, held_y = ref.held_out()
+    all_x, all_y = evaluation.real_images(shards, count=500, batch_size=100, resolution=32)
+    # the 200 images after the classifier's 300, in the same fixed order: never seen by the real classifier
+    assert torch.equal(held_x, all_x[300:]) and torch.equal(held_y, all_y[300:])
+    bank_x, bank_y = all_x[:300], all_y[:300]  # G draws from the training part only
+    faithful = evaluation.cas(ClassBankG(bank_x, bank_y, n), ref, num_classes=n)
+    swapped = evaluation.cas(ClassBankG(bank_x, bank_y, n, shift=1), ref, num_classes=n)
+    assert faithful["real_accuracy"] == swapped["real_accuracy"] > 0.5  # chance is 0.1
+    assert faithful["cas"] > 0.5 and abs(faithful["cas_gap"]) < 0.2
+    assert swapped["cas"] < 0.15 and swapped["cas_gap"] > 0.4  # the labels G was asked for are not what it drew
+    tiny = C.EvalConfig(reference_images=2000, cas_test_images=10)
+    with pytest.raises(ValueError, match="eval.cas_test_images: no real images are left"):
+        evaluation.ReferenceSet(tiny, shards, resolution=32, num_classes=n, output_dir=tmp_path / "r2").held_out()
 
 
 def test_a_failing_evaluation_warns_and_training_goes_on(tmp_path, digits, caplog):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline import sample
 from pipeline.config import RunConfig
-from pipeline.sample import class_grid, load_generator, save_grid, slerp
+from pipeline.sample import class_grid, load_generator, save_grid, save_labelled_grid, slerp
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["tshirt", "trouser", "pullover", "dress", "coat"]
@@ -53,6 +53,20 @@ def test_save_grid_lays_out_rows_with_padding_and_maps_the_value_range(tmp_path)
     assert mode == "L" and size == (3 * 7 + 2, 7 + 2)  # nrow capped at N
     with pytest.raises(ValueError, match="expected images"):
         save_grid(torch.zeros(2, 2, 4, 4), tmp_path / "bad.png")
+
+
+def test_labelled_grid_enlarges_the_grid_and_writes_each_row_label_beside_its_row(tmp_path):
+    images = torch.full((6, 1, 4, 4), -1.0)  # black images, two rows of three
+    out = save_labelled_grid(images, tmp_path / "g.png", ["a short", "a much longer label"], nrow=3, scale=2)
+    with Image.open(out) as im:
+        mode, pixels = im.mode, np.asarray(im)
+    plain_w, plain_h = 3 * (4 + 2) + 2, 2 * (4 + 2) + 2
+    assert mode == "RGB" and pixels.shape[0] == 2 * plain_h and pixels.shape[1] > 2 * plain_w
+    margin = pixels[:, : pixels.shape[1] - 2 * plain_w]
+    top, bottom = margin[: pixels.shape[0] // 2], margin[pixels.shape[0] // 2:]
+    assert (top < 128).any() and (bottom < 128).any()  # each row has its label
+    assert (bottom < 128).sum() > (top < 128).sum()  # the longer label takes more ink
+    assert pixels[2 * 2 + 1, margin.shape[1] + 2 * 2 + 1].tolist() == [0, 0, 0]  # the first image, enlarged
 
 
 def test_slerp_hits_the_endpoints_and_stays_on_the_sphere():

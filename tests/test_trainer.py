@@ -1,7 +1,9 @@
 """The trainer in one process on real shards: step ratio, R1, accumulation, checkpoints, exact resume."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from pipeline import losses
@@ -94,6 +96,20 @@ def test_checkpoint_holds_everything_and_exports_weights_only(tmp_path, digits_s
     exported = torch.load(root / "g_ema.pt", weights_only=True)  # safe to load from anywhere
     assert exported["step"] == 2 and len(exported["class_names"]) == n
     assert set(exported["g_ema_state"]) == set(trainer.ema.model.state_dict())
+
+
+def test_a_finished_run_writes_a_labelled_final_grid_and_an_interpolation_sheet(tmp_path, digits_shards):
+    shards, n = digits_shards
+    trainer = make_trainer(tiny_config(tmp_path, shards, n, **{"train.steps": 2, "train.checkpoint_every": 2}), tmp_path)
+    trainer.class_names = [f"digit-{k}" for k in range(n)]
+    assert trainer.fit()["status"] == "finished"
+    review = trainer.work_dir / "review"
+    with Image.open(review / "final_grid.png") as grid, Image.open(review / "interpolation.png") as sheet:
+        # 10 samples of each of the n classes, enlarged 3x, plus a margin on the left for the class names
+        assert grid.mode == "RGB" and grid.height == 3 * (n * (32 + 2) + 2) and grid.width > 3 * (10 * 34 + 2)
+        margin = np.asarray(grid)[:, : grid.width - 3 * (10 * 34 + 2)]
+        assert (margin < 128).any() and (margin == 255).mean() > 0.5  # dark text on white
+        assert sheet.size == grid.size  # 10 slerp steps per class, the same layout
 
 
 @pytest.mark.parametrize("preset_overrides", [

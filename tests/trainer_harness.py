@@ -24,6 +24,7 @@ def tiny_config(tmp_path, shards: str, num_classes: int, **overrides) -> C.RunCo
     cfg.train.output_dir = str(tmp_path / "out")
     cfg.train.log_every, cfg.train.sample_every, cfg.train.checkpoint_every = 2, 1000, 1000
     cfg.health.enabled = False
+    cfg.eval = C.EvalConfig()  # the demo's evaluations off: tests that evaluate set their own
     C.apply_overrides(cfg, [f"{k}={v}" for k, v in overrides.items()])
     return C.validate(cfg)
 

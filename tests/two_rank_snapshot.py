@@ -29,6 +29,7 @@ def main(rank: int, root: str, shards: str, num_classes: int) -> None:
     cfg.model.g_ch, cfg.model.d_ch, cfg.model.dim_z, cfg.model.shared_dim = 4, 4, 16, 8
     cfg.data.batch_size, cfg.train.global_batch, cfg.cluster.num_workers = 4, 8, 2
     cfg.train.output_dir, cfg.health.enabled, cfg.optim.zero_stage = f"{root}/out", False, 1
+    cfg.eval = type(cfg.eval)()  # no evaluations
     cfg.train.steps, cfg.train.checkpoint_every, cfg.train.log_every, cfg.train.sample_every = 2, 1, 2, 1000
     C.validate(cfg)
 
