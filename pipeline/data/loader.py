@@ -389,8 +389,9 @@ class ShardLoader:
 
     def sync_faults(self, max_bad_fraction: float = 0.01) -> dict[str, float]:
         """Agree with every other rank on the bad shards and quarantine them from the next epoch; raise
-        faults.DataFaultError past `max_bad_fraction` (carrying the same metrics). A collective: every rank calls it at the same step.
-        Returns the metrics data/skipped, data/bad_shards and data/bad_samples (sums over ranks)."""
+        faults.DataFaultError past `max_bad_fraction` (carrying the same metrics). A collective: every rank
+        calls it at the same step. Returns the metrics data/skipped, data/bad_shards and data/bad_samples
+        (sums over ranks)."""
         names = [s.name for s in self.shards.manifest.shards]
         mine = set(self.shards.bad) | {self.shards.index_of[n] for n in self._quarantine}
         with self._stats.lock:
