@@ -9,7 +9,7 @@ import sys
 
 from pipeline import config as C
 from pipeline import preemption, resume
-from pipeline.preemption import EXIT_COLLAPSED, EXIT_PREEMPTED
+from pipeline.preemption import EXIT_COLLAPSED, EXIT_DATA_FAULT, EXIT_PREEMPTED
 from pipeline.presets import PRESETS, get_preset
 from pipeline.tracking import default_tracking_uri
 
@@ -129,12 +129,15 @@ def run(preset: str, argv: list[str] | None = None) -> tuple[int, dict | None]:
     except (resume.ResumeError, C.ConfigError) as err:
         parser.error(str(err))
     print(f"[done] {json.dumps(result, indent=2, default=str)}", flush=True)
+    if result.get("error"):
+        print(f"[error] {result['error']}", flush=True)
     return exit_code(result.get("status")), result
 
 
 def exit_code(status: str | None) -> int:
-    """0 finished, 3 collapsed, 75 preempted (resume by running the same command), 1 anything else."""
-    return {"finished": 0, "collapsed": EXIT_COLLAPSED, "preempted": EXIT_PREEMPTED}.get(status or "", 1)
+    """0 finished, 3 collapsed, 65 data fault, 75 preempted (resume by running the same command), 1 anything else."""
+    codes = {"finished": 0, "collapsed": EXIT_COLLAPSED, "data-fault": EXIT_DATA_FAULT, "preempted": EXIT_PREEMPTED}
+    return codes.get(status or "", 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,7 +28,7 @@ from pipeline.tracking import default_tracking_uri
 log = logging.getLogger(__name__)
 
 # a collapsed run failed (the job reports failure); a preempted one is resumed by running the command again
-MLFLOW_STATUS = {"finished": "FINISHED", "collapsed": "FAILED", "preempted": "KILLED"}
+MLFLOW_STATUS = {"finished": "FINISHED", "collapsed": "FAILED", "data-fault": "FAILED", "preempted": "KILLED"}
 PREEMPTED_FLUSH_S = 20.0  # a preempted worker's wait for tracking: within the pod's grace period after the save
 
 
@@ -105,6 +105,7 @@ def _outcome(cfg: RunConfig, paths: dict, metrics: dict, relaunches: int = 0) ->
     return {
         "status": metrics.get("status", "unknown"),
         "step": metrics.get("step"),
+        **({"error": metrics["error"]} if metrics.get("error") else {}),
         "rollbacks": metrics.get("rollbacks", 0),
         "preempted_relaunches": relaunches,
         "mlflow_run_id": metrics.get("mlflow_run_id"),
@@ -148,6 +149,7 @@ def worker_main(config: dict) -> None:
 
     from pipeline.checkpoint import CheckpointStore
     from pipeline.data import build_loader
+    from pipeline.data.faults import DataFaultError
     from pipeline.tracking import Tracker
     from pipeline.trainer import Trainer
 
@@ -187,6 +189,7 @@ def worker_main(config: dict) -> None:
             Path(tmp, "pointer.json").write_text(json.dumps(pointer))
             ray.train.report(
                 {**{k: v for k, v in metrics.items() if isinstance(v, int | float)}, "status": status,
+                 **({"error": metrics["error"]} if metrics.get("error") else {}),
                  "mlflow_run_id": tracker.run_id or ""},
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
             )
@@ -215,6 +218,12 @@ def worker_main(config: dict) -> None:
         trainer.fail_once_at = (fail_at, Path(paths["output_dir"]) / "failed_once.flag")
     try:
         result = trainer.fit()
+    except DataFaultError as err:
+        # every rank agreed on it and every retry would meet it again: end the run, do not spend max_failures
+        trainer.status = "data-fault"
+        result = {"step": trainer.step, "error": str(err)}
+        if rank == 0:
+            log.error("data fault: %s", err)
     finally:
         review.end(trainer.status, trainer.step)
         if rank == 0:

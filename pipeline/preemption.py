@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL from sysexits.h: a temporary failure, the same command will resume
 EXIT_COLLAPSED = 3
+EXIT_DATA_FAULT = 65  # EX_DATAERR: more data lost than data.max_bad_fraction; no retry would help
 REGISTRY_ENV = "BIGGAN_TRAINER_REGISTRY"
 DEFAULT_REGISTRY = "/tmp/biggan-trainers"
 

@@ -114,3 +114,30 @@ def test_sigterm_to_the_driver_while_ray_starts_is_a_preemption_not_a_crash(tmp_
     out = "".join(log)
     assert rc == preemption.EXIT_PREEMPTED, out[-3000:]
     assert "[preempted] before training started (SIGTERM" in out and "[step" not in out
+
+
+def test_a_data_fault_past_the_budget_ends_the_job_once_with_exit_65_naming_the_shard(tmp_path, digits_shards):
+    """A shard missing from a set where it is 1/6 of the samples (budget 1%): every rank stops at the same log
+    step and the job ends with status data-fault, exit 65, naming the shard. No Ray retry is spent on it (a
+    retry would meet it again, and the job would end as a crash, exit 1)."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(digits_shards[0], shards)
+    victim = sorted(shards.glob("*.tar"))[1]
+    victim.unlink()
+    log: list[str] = []
+    proc = _launch(tmp_path, str(shards), steps=6)
+    try:
+        log.append(proc.stdout.read())
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(log)
+    assert rc == preemption.EXIT_DATA_FAULT, out[-3000:]
+    error = [line for line in out.splitlines() if line.startswith("[error]")]
+    assert error and victim.name in error[0] and "max_bad_fraction" in error[0], out[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("biggan").experiment_id])
+    assert run.info.status == "FAILED" and run.data.metrics["data/bad_shards"] == 1.0
