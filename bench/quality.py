@@ -261,6 +261,7 @@ def main_as_user(args: argparse.Namespace, dataset: str, shards: str, wall0: flo
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+        Path(args.json).with_suffix(".console.txt").write_text(output)  # what the user saw
     return 0
 
 
