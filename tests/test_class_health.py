@@ -75,3 +75,15 @@ def test_without_a_classifier_class_signals_are_off_and_the_other_rules_run(tmp_
     assert result["status"] == "finished"
     out = trainer.health_signals({})
     assert "class_fidelity" not in out and {"variety", "sigma0_g_first", "sigma0_d_max"} <= out.keys()
+
+
+def test_class_fid_agrees_with_the_metrics_frechet_distance(signals):
+    import numpy as np
+
+    from pipeline.metrics.frechet import frechet_distance
+
+    _, sig, images, _ = signals
+    feats = sig.classifier.features(images[:100]).double()
+    f = feats.numpy()
+    expected = frechet_distance(f.mean(0), np.cov(f, rowvar=False), sig.mu, sig.sigma)
+    assert sig._frechet(feats) == pytest.approx(expected, rel=1e-6)
