@@ -69,6 +69,7 @@ RECIPES: dict[str, dict] = {
     "late_lr": {},  # base settings, both learning rates x LATE_LR_SCALE at --late-at
 }
 LATE_LR_SCALE = 20.0
+SUSTAIN_STEPS = 25
 NOT_RUN = {"no_sn_d": "BigGAN's D has spectral norm built into its layers and the config has no switch for it"}
 
 
@@ -173,20 +174,27 @@ def score_snapshots(trainer, run: Run, snaps: Path, eval_samples: int = 500) -> 
                               "fid": fid, "finite": ok})
 
 
-def judge(run: Run, nc: int, every: int) -> None:
-    """Onset by the offline measure, then detection delay, restore point and recovery."""
+def _failed(s: dict, best_fid: float, peak: float, chance: float) -> bool:
+    return (not s["finite"]) or (peak >= 3 * chance and s["fidelity"] < 1.5 * chance) or s["fid"] > 2 * best_fid
+
+
+def judge(run: Run, nc: int, every: int, sustain: int = SUSTAIN_STEPS) -> None:
+    """Onset by the offline measure, then detection delay, restore point and recovery.
+
+    A failure must last: the onset is the first snapshot (of the run before any rollback, after step 25) that is
+    failed against the best FID and fidelity before it, and so is every snapshot of the next `sustain` steps
+    (a tiny GAN's FID swings; one bad snapshot is not a collapse)."""
     chance = 1.0 / nc
     first = sorted((s for s in run.snapshots if s["segment"] == 0), key=lambda s: s["step"])
-    best_fid, best_fid_before, peak = math.inf, math.inf, 0.0
-    for s in first:
-        failed = (not s["finite"]) or (peak >= 3 * chance and s["fidelity"] < 1.5 * chance) or \
-            (s["fid"] > 2 * best_fid and s["step"] > 25)
-        if failed:
-            run.onset = s["step"]
-            break
+    best_fid, peak, run.onset = math.inf, 0.0, None
+    for i, s in enumerate(first):
+        if s["step"] > 25 and _failed(s, best_fid, peak, chance):
+            later = [x for x in first[i:] if x["step"] <= s["step"] + sustain]
+            if all(_failed(x, best_fid, peak, chance) for x in later) and first[-1]["step"] >= s["step"] + sustain:
+                run.onset = s["step"]
+                break
         best_fid, peak = min(best_fid, s["fid"]), max(peak, s["fidelity"])
-    best_fid_before = best_fid
-    v = run.verdict
+    v = run.verdict = {}
     v["false_alarm"] = bool(run.alarms) and (run.onset is None or run.alarms[0]["step"] < run.onset)
     if run.alarms and run.onset is not None:
         v["delay_checks"] = max(0, math.ceil((run.alarms[0]["step"] - run.onset) / every))
@@ -194,8 +202,8 @@ def judge(run: Run, nc: int, every: int) -> None:
         v["restored_before_onset"] = run.rollbacks[0][1] < run.onset
     last = max(run.snapshots, key=lambda s: (s["segment"], s["step"])) if run.snapshots else None
     if run.onset is not None and last is not None:
-        v["recovered"] = (run.status == "finished" and last["fid"] <= 1.5 * best_fid_before
-                          and last["fidelity"] >= 0.7 * peak)
+        v["recovered"] = run.status == "finished" and not _failed(last, 1.5 * best_fid / 2, 0.0, chance) and \
+            last["fidelity"] >= 0.7 * peak
     v["final"] = last
     v["cost"] = run.health_s / max(run.train_s, 1e-9)
 
@@ -232,7 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(ROOT / "data" / "demo-shards"), help="shard folder (made if missing)")
     p.add_argument("--out", default=None, help="run folders (default: a temporary one)")
     p.add_argument("--json", default=None, help="write every run's record here")
+    p.add_argument("--rejudge", nargs="+", default=None, metavar="JSON",
+                   help="judge the runs recorded in these --json files again (no training) and print the table")
     args = p.parse_args(argv)
+    if args.rejudge:
+        runs = [Run(**{**r, "rollbacks": [tuple(x) for x in r["rollbacks"]]})
+                for path in args.rejudge for r in json.loads(Path(path).read_text())]
+        for run in runs:
+            judge(run, 10, 5)
+        print(table(runs))
+        return 0
     torch.set_num_threads(1)
     shards = prepare_shards(args.data, dataset_name())
     out = Path(args.out or tempfile.mkdtemp(prefix="detector-"))

@@ -172,7 +172,7 @@ def test_fidelity_still_at_chance_by_the_deadline_is_a_collapse():
 @pytest.mark.parametrize("signal, value, word", [
     ("class_fidelity", 0.25, "class_fidelity = 0.25 is below 0.5 x its trailing median"),
     ("class_diversity", 0.3, "class_diversity = 0.3 is below 0.5 x its trailing median"),
-    ("class_fid", 90.0, "class_fid = 90 is above 2.0 x its trailing median"),
+    ("class_fid", 130.0, "class_fid = 130 is above 3.0 x its trailing median"),
 ])
 def test_class_signals_are_judged_against_their_trailing_median(signal, value, word):
     mon = HealthMonitor(HealthConfig(min_history=5), num_classes=10)
