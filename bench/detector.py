@@ -123,7 +123,7 @@ def train(cfg: C.RunConfig, run: Run, out: Path, snap_every: int, late_at: int |
 
     def iteration() -> None:
         iterate()
-        if late_at is not None and trainer.step == late_at and not run.rollbacks:
+        if late_at is not None and trainer.step == late_at and not trainer.rollback_log:  # once: not on a replay
             cfg.optim.g_lr *= LATE_LR_SCALE  # the base the recovery's lr scale multiplies, as a resumed run's config
             cfg.optim.d_lr *= LATE_LR_SCALE
             trainer.recovery._apply_lr_scale()
