@@ -183,14 +183,16 @@ def judge(run: Run, nc: int, every: int, sustain: int = SUSTAIN_STEPS) -> None:
 
     A failure must last: the onset is the first snapshot (of the run before any rollback, after step 25) that is
     failed against the best FID and fidelity before it, and so is every snapshot of the next `sustain` steps
-    (a tiny GAN's FID swings; one bad snapshot is not a collapse)."""
+    (a tiny GAN's FID swings; one bad snapshot is not a collapse), or up to the first rollback if that came sooner."""
     chance = 1.0 / nc
     first = sorted((s for s in run.snapshots if s["segment"] == 0), key=lambda s: s["step"])
     best_fid, peak, run.onset = math.inf, 0.0, None
     for i, s in enumerate(first):
         if s["step"] > 25 and _failed(s, best_fid, peak, chance):
             later = [x for x in first[i:] if x["step"] <= s["step"] + sustain]
-            if all(_failed(x, best_fid, peak, chance) for x in later) and first[-1]["step"] >= s["step"] + sustain:
+            # a rollback cuts the run short: then every snapshot it left after this one must have failed
+            lasted = first[-1]["step"] >= s["step"] + sustain or bool(run.rollbacks)
+            if all(_failed(x, best_fid, peak, chance) for x in later) and lasted:
                 run.onset = s["step"]
                 break
         best_fid, peak = min(best_fid, s["fid"]), max(peak, s["fidelity"])
