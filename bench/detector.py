@@ -69,6 +69,7 @@ RECIPES: dict[str, dict] = {
     "late_lr": {},  # base settings, both learning rates x LATE_LR_SCALE at --late-at
 }
 LATE_LR_SCALE = 20.0
+SUSTAIN_STEPS = 25
 NOT_RUN = {"no_sn_d": "BigGAN's D has spectral norm built into its layers and the config has no switch for it"}
 
 
@@ -122,7 +123,7 @@ def train(cfg: C.RunConfig, run: Run, out: Path, snap_every: int, late_at: int |
 
     def iteration() -> None:
         iterate()
-        if late_at is not None and trainer.step == late_at and not run.rollbacks:
+        if late_at is not None and trainer.step == late_at and not trainer.rollback_log:  # once: not on a replay
             cfg.optim.g_lr *= LATE_LR_SCALE  # the base the recovery's lr scale multiplies, as a resumed run's config
             cfg.optim.d_lr *= LATE_LR_SCALE
             trainer.recovery._apply_lr_scale()
@@ -173,20 +174,29 @@ def score_snapshots(trainer, run: Run, snaps: Path, eval_samples: int = 500) -> 
                               "fid": fid, "finite": ok})
 
 
-def judge(run: Run, nc: int, every: int) -> None:
-    """Onset by the offline measure, then detection delay, restore point and recovery."""
+def _failed(s: dict, best_fid: float, peak: float, chance: float) -> bool:
+    return (not s["finite"]) or (peak >= 3 * chance and s["fidelity"] < 1.5 * chance) or s["fid"] > 2 * best_fid
+
+
+def judge(run: Run, nc: int, every: int, sustain: int = SUSTAIN_STEPS) -> None:
+    """Onset by the offline measure, then detection delay, restore point and recovery.
+
+    A failure must last: the onset is the first snapshot (of the run before any rollback, after step 25) that is
+    failed against the best FID and fidelity before it, and so is every snapshot of the next `sustain` steps
+    (a tiny GAN's FID swings; one bad snapshot is not a collapse), or up to the first rollback if that came sooner."""
     chance = 1.0 / nc
     first = sorted((s for s in run.snapshots if s["segment"] == 0), key=lambda s: s["step"])
-    best_fid, best_fid_before, peak = math.inf, math.inf, 0.0
-    for s in first:
-        failed = (not s["finite"]) or (peak >= 3 * chance and s["fidelity"] < 1.5 * chance) or \
-            (s["fid"] > 2 * best_fid and s["step"] > 25)
-        if failed:
-            run.onset = s["step"]
-            break
+    best_fid, peak, run.onset = math.inf, 0.0, None
+    for i, s in enumerate(first):
+        if s["step"] > 25 and _failed(s, best_fid, peak, chance):
+            later = [x for x in first[i:] if x["step"] <= s["step"] + sustain]
+            # a rollback cuts the run short: then every snapshot it left after this one must have failed
+            lasted = first[-1]["step"] >= s["step"] + sustain or bool(run.rollbacks)
+            if all(_failed(x, best_fid, peak, chance) for x in later) and lasted:
+                run.onset = s["step"]
+                break
         best_fid, peak = min(best_fid, s["fid"]), max(peak, s["fidelity"])
-    best_fid_before = best_fid
-    v = run.verdict
+    v = run.verdict = {}
     v["false_alarm"] = bool(run.alarms) and (run.onset is None or run.alarms[0]["step"] < run.onset)
     if run.alarms and run.onset is not None:
         v["delay_checks"] = max(0, math.ceil((run.alarms[0]["step"] - run.onset) / every))
@@ -194,16 +204,16 @@ def judge(run: Run, nc: int, every: int) -> None:
         v["restored_before_onset"] = run.rollbacks[0][1] < run.onset
     last = max(run.snapshots, key=lambda s: (s["segment"], s["step"])) if run.snapshots else None
     if run.onset is not None and last is not None:
-        v["recovered"] = (run.status == "finished" and last["fid"] <= 1.5 * best_fid_before
-                          and last["fidelity"] >= 0.7 * peak)
+        v["recovered"] = run.status == "finished" and not _failed(last, 1.5 * best_fid / 2, 0.0, chance) and \
+            last["fidelity"] >= 0.7 * peak
     v["final"] = last
     v["cost"] = run.health_s / max(run.train_s, 1e-9)
 
 
 def table(runs: list[Run]) -> str:
-    rows = ["| recipe | seed | steps | status | onset (offline) | first alarm | rule | delay (checks) | restored | "
-            "before onset | recovered | final fid / fidelity | health cost |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| recipe | seed | steps | status | onset (offline) | first alarm | rule | false alarm | delay (checks) | "
+            "restored | before onset | recovered | final fid / fidelity | health cost |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         v = r.verdict
         a = r.alarms[0] if r.alarms else None
@@ -212,12 +222,55 @@ def table(runs: list[Run]) -> str:
         rule = a["reason"].split(" is ")[0].split(" rose")[0][:40] if a else "-"
         rows.append(
             f"| {r.recipe} | {r.seed} | {r.steps} | {r.status} | {r.onset if r.onset is not None else 'none'} | "
-            f"{a['step'] if a else '-'} | {rule} | {v.get('delay_checks', '-')} | {restored} | "
+            f"{a['step'] if a else '-'} | {rule} | {v['false_alarm']} | {v.get('delay_checks', '-')} | {restored} | "
             f"{v.get('restored_before_onset', '-')} | {v.get('recovered', '-')} | "
             f"{final.get('fid', math.nan):.1f} / {final.get('fidelity', math.nan):.2f} | {100 * v['cost']:.1f}% |")
     for name, why in NOT_RUN.items():
-        rows.append(f"| {name} | - | - | not run: {why} | | | | | | | | | |")
+        rows.append(f"| {name} | - | - | not run: {why} | | | | | | | | | | |")
     return "\n".join(rows)
+
+
+def measure_cost(shards: str, out: Path, rounds: int, extra: dict) -> dict:
+    """The health check's share of training time at the demo preset's own scale and cadence (ch 16, global batch
+    64, every 5 G steps), on one rank (so the check does the whole health batch: two ranks split it), bf16.
+    Training and checks alternate in one process, so machine load hits both alike."""
+    from data_prep.shard_format import read_manifest
+    from pipeline.checkpoint import CheckpointStore
+    from pipeline.data import build_loader
+    from pipeline.engines import init_single_process_group
+    from pipeline.tracking import Tracker
+    from pipeline.trainer import Trainer
+
+    cfg = get_preset("demo")
+    cfg.data.shards, cfg.model.num_classes, cfg.train.output_dir = shards, read_manifest(shards).num_classes, str(out)
+    keep = ("data.backend", "train.precision", "train.channels_last", "eval.reference_images", "eval.classifier_epochs")
+    C.apply_overrides(cfg, [f"{k}={BASE[k]}" for k in keep] + ["cluster.num_workers=1", "health.enabled=true"]
+                      + [f"{k}={v}" for k, v in extra.items()])
+    C.validate(cfg)
+    init_single_process_group()
+
+    def make_loader(epoch: int, offset: int, seed: int):
+        return build_loader(shards, batch_size=cfg.data.batch_size, backend="wds", seed=seed, resolution=32,
+                            num_threads=1, start_epoch=epoch, start_offset=offset)
+
+    t = Trainer(cfg, make_loader=make_loader, store=CheckpointStore(str(out / "checkpoints")),
+                tracker=Tracker("", "", "", enabled=False), device=torch.device("cpu"))
+    t.class_signals.setup()
+    for _ in range(2):
+        t.train_iteration()
+    t.check_health(t.take_metrics_peek())
+    train_s = check_s = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(cfg.health.every):
+            t.train_iteration()
+        t1 = time.perf_counter()
+        t.check_health(t.take_metrics_peek())
+        train_s, check_s = train_s + t1 - t0, check_s + time.perf_counter() - t1
+    t.loader.close()
+    return {"every": cfg.health.every, "rounds": rounds, "step_s": train_s / (rounds * cfg.health.every),
+            "check_s": check_s / rounds, "cost": check_s / train_s, "class_signals": t.class_signals.on,
+            "load": os.getloadavg()[0]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,7 +285,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(ROOT / "data" / "demo-shards"), help="shard folder (made if missing)")
     p.add_argument("--out", default=None, help="run folders (default: a temporary one)")
     p.add_argument("--json", default=None, help="write every run's record here")
+    p.add_argument("--rejudge", nargs="+", default=None, metavar="JSON",
+                   help="judge the runs recorded in these --json files again (no training) and print the table")
+    p.add_argument("--cost", type=int, default=0, metavar="ROUNDS",
+                   help="only measure the health check's cost at the demo preset's scale over ROUNDS x health.every steps")
     args = p.parse_args(argv)
+    if args.cost:
+        torch.set_num_threads(1)
+        shards = prepare_shards(args.data, dataset_name())
+        extra = dict(item.split("=", 1) for item in args.overrides)
+        res = measure_cost(shards, Path(args.out or tempfile.mkdtemp(prefix="detector-cost-")), args.cost, extra)
+        print(f"[cost] demo preset, 1 rank: {res['step_s']:.3f} s per G step, {res['check_s']:.3f} s per health check "
+              f"every {res['every']} steps: {100 * res['cost']:.1f}% (class signals {res['class_signals']}, "
+              f"load {res['load']:.1f})", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+        return 0
+    if args.rejudge:
+        runs = [Run(**{**r, "rollbacks": [tuple(x) for x in r["rollbacks"]]})
+                for path in args.rejudge for r in json.loads(Path(path).read_text())]
+        for run in runs:
+            judge(run, 10, 5)
+        print(table(runs))
+        return 0
     torch.set_num_threads(1)
     shards = prepare_shards(args.data, dataset_name())
     out = Path(args.out or tempfile.mkdtemp(prefix="detector-"))

@@ -203,8 +203,8 @@ class HealthConfig:
     fidelity_by_step: int = bounded(0, ge=0)  # ... or is still below it at this G step (0 = never)
     fidelity_ratio: float = bounded(0.5, gt=0, lt=1)  # alarm when class fidelity falls below k x its trailing median (above the floor)
     diversity_floor: float = bounded(0.3, gt=0, lt=1)  # alarm when intra-class diversity (1 = real data's) falls below this, once it has been above 2x it
-    diversity_ratio: float = bounded(0.5, gt=0, lt=1)  # alarm when intra-class diversity falls below k x its trailing median
-    class_fid_ratio: float = bounded(2.0, gt=1)  # alarm when the health batch's FID exceeds k x its trailing median ...
+    diversity_ratio: float = bounded(0.3, gt=0, lt=1)  # alarm when intra-class diversity falls below k x its trailing median
+    class_fid_ratio: float = bounded(3.0, gt=1)  # alarm when the health batch's FID exceeds k x its trailing median ...
     class_fid_ceiling: float = bounded(0.9, gt=0)  # ... or k x its value at the first check (an untrained G), once it has halved
     healthy_after: int = bounded(3, ge=0)  # alarm-free checks after a checkpoint before it counts as healthy
     max_rollbacks: int = bounded(3, ge=0)

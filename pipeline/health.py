@@ -107,7 +107,7 @@ class HealthMonitor:
                 d.alarm = True
                 d.reason = f"D loss {d_total:.4g} below {c.d_loss_floor} for {self.low_d_loss} checks"
                 d.evidence["d_loss"] = {"value": d_total, "floor": c.d_loss_floor, "checks": self.low_d_loss}
-        if d.alarm and not d.onset_step < step:  # a rule that dated the onset itself keeps its date
+        if d.alarm:
             d.onset_step = self.last_ok_step
         return self._finish(d, signals)
 
@@ -170,7 +170,8 @@ class HealthMonitor:
         r2 = _r_squared(steps, logs)
         if r2 < c.sigma_trend_r2:
             return False
-        d.onset_step = int(points[0][0])  # the climb started with the window: return to before it
+        # NOTE: the onset stays the last quiet check: a climb is an early warning, and returning to where it began
+        # (often step 0) threw away runs that were still improving (bench/detector.py, no_ortho_high_lr)
         return self._fire(d, "sigma0_trend", f"sigma0_g_first rose {rise:.3g}x over the last {len(points)} checks "
                           f"(steps {int(steps[0])}-{d.step}, log-linear R^2 {r2:.2f})", rise=rise, r2=r2,
                           start=points[0][1], value=value)
@@ -222,6 +223,7 @@ class HealthMonitor:
     def reset_after_rollback(self) -> None:
         self.pending.clear()
         self.low_d_loss = 0
+        self.trend.clear()  # the climb that raised the alarm must not raise it again at the next check
 
     def state_dict(self) -> dict:
         return {

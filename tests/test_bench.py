@@ -131,3 +131,28 @@ def test_paper_model_gradient_bytes_are_counted_on_the_meta_device():
     params = scaling.model_params("biggan")
     # the published BigGAN-128 sizes (ch 96): 70.4M G and 88.0M D parameters
     assert params["G"] == pytest.approx(70.4e6, rel=0.01) and params["D"] == pytest.approx(88.0e6, rel=0.01)
+
+
+def test_detector_dates_a_lasting_failure_and_judges_the_rollback():
+    from bench.detector import Run, judge
+
+    def snaps(fids, segment=0, start=5):
+        return [{"step": start + 5 * i, "segment": segment, "fid": f, "fidelity": 0.3, "finite": True}
+                for i, f in enumerate(fids)]
+
+    # a one-snapshot spike is not a failure; a jump that lasts is, from its first snapshot
+    run = Run("x", 0, 100, status="finished", snapshots=snaps([200, 90, 60, 55, 50, 130, 50, 50, 150, 160, 170, 180, 190, 200]))
+    judge(run, nc=10, every=5)
+    assert run.onset == 45 and run.verdict["false_alarm"] is False  # not 30: the spike there did not last
+    # caught at the next check, restored to a step before the onset, and back to its best after the rollback
+    run = Run("x", 0, 100, status="finished", alarms=[{"step": 45, "reason": "r", "onset": 40}], rollbacks=[(45, 25)],
+              snapshots=snaps([200, 90, 60, 55, 50, 50, 50, 150, 160]) + snaps([52, 51], segment=1, start=30))
+    judge(run, nc=10, every=5)
+    assert run.onset == 40  # cut short by the rollback: failed up to it
+    assert run.verdict == {**run.verdict, "delay_checks": 1, "restored_before_onset": True, "recovered": True,
+                           "false_alarm": False}
+    # an alarm on a run that never failed is a false alarm
+    run = Run("x", 0, 60, status="finished", alarms=[{"step": 30, "reason": "r", "onset": 25}],
+              snapshots=snaps([200, 90, 60, 55, 50, 50, 50, 52, 51, 50, 50]))
+    judge(run, nc=10, every=5)
+    assert run.onset is None and run.verdict["false_alarm"] is True
