@@ -93,6 +93,13 @@ def test_every_raycluster_uses_token_auth_with_the_token_from_a_secret(stack):
         assert _secret_ref(c, "RAY_AUTH_TOKEN") == (secret, "auth_token"), f"{where}: token not from {secret}"
 
 
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_ray_container_prints_each_worker_line_once(stack):
+    """Ray Train's print patch tees a worker's print to the log and to stdout; the pods turn it off."""
+    for where, group in _ray_groups(the("RayCluster", stack)):
+        assert _env(_ray_container(group)).get("RAY_TRAIN_ENABLE_PRINT_PATCH", {}).get("value") == "0", where
+
+
 @pytest.mark.parametrize("job", JOB_OVERLAYS)
 def test_the_rayjob_submitter_authenticates_with_the_clusters_token(job):
     stack = job.rsplit("/", 1)[0]
