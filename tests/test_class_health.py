@@ -7,7 +7,7 @@ import torch
 
 from pipeline.evaluation import real_images
 from tests.data_helpers import write_id_shards
-from tests.trainer_harness import make_trainer, tiny_config
+from tests.trainer_harness import make_trainer, run_two_rank_script, tiny_config
 
 CLASSIFIER = {"health.enabled": True, "eval.reference_images": 600, "eval.classifier_epochs": 3,
               "health.real_images": 600}
@@ -124,27 +124,11 @@ def test_learning_rates_far_too_high_lose_quality_unseen_by_the_old_rules_and_ca
 
 
 def test_two_ranks_split_the_health_batch_and_agree_with_one_rank(tmp_path, digits_shards, signals):
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     shards, n = digits_shards
     one = make_trainer(tiny_config(tmp_path / "one", shards, n, **CLASSIFIER), tmp_path / "one")
     one.class_signals.setup()
     expected = {k: v for k, v in one.health_signals({}).items() if k.startswith("class_")}
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.two_rank_class_health", str(rank), str(tmp_path), shards,
-                               str(n)], env=env, cwd=root) for rank in (0, 1)]
-    try:
-        assert [p.wait(timeout=300) for p in procs] == [0, 0]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    results = [json.loads((tmp_path / f"result{rank}.json").read_text()) for rank in (0, 1)]
+    results = run_two_rank_script("tests.two_rank_class_health", tmp_path, shards, n)
     assert [r["share"] for r in results] == [[0, 50], [50, 100]]  # each rank generates half of the 100 samples
     assert results[0]["signals"] == results[1]["signals"]
     for key, value in expected.items():

@@ -49,6 +49,16 @@ def _until(proc, marker: str, log: list[str], timeout: float = 300) -> None:
     raise AssertionError(f"{marker!r} not seen:\n{''.join(log[-40:])}")
 
 
+def _finish(proc, log: list[str], timeout: float) -> tuple[int, str]:
+    """The rest of the output and the exit code; a process still running after `timeout` is killed, group and all."""
+    try:
+        log.append(proc.stdout.read())
+        return proc.wait(timeout=timeout), "".join(log)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _worker_pids(tmp_path) -> dict[int, int]:
     out = {}
     for f in (tmp_path / "reg").glob("*.json"):
@@ -105,13 +115,11 @@ def test_sigterm_to_the_driver_while_ray_starts_is_a_preemption_not_a_crash(tmp_
     proc = _launch(tmp_path, shards, steps=14)
     try:
         _until(proc, "[plan]", log)  # Ray is imported and started after this line
-        os.kill(proc.pid, signal.SIGTERM)
-        log.append(proc.stdout.read())
-        rc = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    out = "".join(log)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    os.kill(proc.pid, signal.SIGTERM)
+    rc, out = _finish(proc, log, timeout=120)
     assert rc == preemption.EXIT_PREEMPTED, out[-3000:]
     assert "[preempted] before training started (SIGTERM" in out and "[step" not in out
 
@@ -127,14 +135,7 @@ def test_a_data_fault_past_the_budget_ends_the_job_once_with_exit_65_naming_the_
     victim = sorted(shards.glob("*.tar"))[1]
     victim.unlink()
     log: list[str] = []
-    proc = _launch(tmp_path, str(shards), steps=6)
-    try:
-        log.append(proc.stdout.read())
-        rc = proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    out = "".join(log)
+    rc, out = _finish(_launch(tmp_path, str(shards), steps=6), log, timeout=300)
     assert rc == preemption.EXIT_DATA_FAULT, out[-3000:]
     error = [line for line in out.splitlines() if line.startswith("[error]")]
     assert error and victim.name in error[0] and "max_bad_fraction" in error[0], out[-3000:]

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from pipeline import config as C
@@ -41,3 +47,18 @@ def make_trainer(cfg: C.RunConfig, tmp_path, tracker: Tracker | None = None, **k
         cfg, make_loader=make_loader, store=CheckpointStore(str(tmp_path / "ckpt")),
         tracker=tracker or Tracker("", "", "", enabled=False), device=torch.device("cpu"), **kwargs,
     )
+
+
+def run_two_rank_script(module: str, tmp_path, shards: str, num_classes: int, timeout: float = 300) -> list[dict]:
+    """Run `python -m module RANK TMP SHARDS N` as ranks 0 and 1 (each writes TMP/result<rank>.json); their results."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    procs = [subprocess.Popen([sys.executable, "-m", module, str(rank), str(tmp_path), shards, str(num_classes)],
+                              env=env, cwd=root) for rank in (0, 1)]
+    try:
+        assert [p.wait(timeout=timeout) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [json.loads((Path(tmp_path) / f"result{rank}.json").read_text()) for rank in (0, 1)]

@@ -46,7 +46,9 @@ def main(rank: int, root: str, shards: str, num_classes: int) -> None:
     dist.barrier()
     files = CheckpointStore(f"{root}/ckpt").get(2).meta["files"]
     if rank == 0:  # rot one byte of rank 1's ZeRO partition: only rank 1 reads (and verifies) that file
-        (path,) = [Path(root, "ckpt", "step-00000002", rel) for rel in files if "d/ckpt/zero_pp_rank_1_" in rel]
+        # DeepSpeed names it bf16_zero_pp_rank_1_... under bf16, zero_pp_rank_1_... otherwise
+        (path,) = [Path(root, "ckpt", "step-00000002", rel) for rel in files
+                   if rel.startswith("d/") and "zero_pp_rank_1_" in rel]
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
