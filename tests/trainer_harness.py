@@ -31,6 +31,8 @@ def tiny_config(tmp_path, shards: str, num_classes: int, **overrides) -> C.RunCo
     cfg.train.log_every, cfg.train.sample_every, cfg.train.checkpoint_every = 2, 1000, 1000
     cfg.health.enabled = False
     cfg.eval = C.EvalConfig()  # the demo's evaluations off: tests that evaluate set their own
+    # fp32 unless a test asks for bf16: what a test expects must not depend on whether its CPU has bf16 units
+    cfg.train.precision, cfg.eval.classifier_precision = "fp32", "fp32"
     C.apply_overrides(cfg, [f"{k}={v}" for k, v in overrides.items()])
     return C.validate(cfg)
 
