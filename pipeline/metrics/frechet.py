@@ -127,3 +127,26 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     diff = mu1 - mu2
     tr_covmean = trace_sqrt_product(sigma1, sigma2)
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+
+
+class ReferenceFrechet:
+    """`frechet_distance` of feature rows to fixed reference statistics, in torch (float64): for a check that runs
+    beside training, where numpy's BLAS starts a thread per core that fights training's (measured 0.11 s against
+    0.013 s for one 128-d FID at load 9 on 2 cores). The reference's square root is taken once."""
+
+    def __init__(self, mu: np.ndarray, sigma: np.ndarray):
+        import torch  # noqa: PLC0415 - the numpy metrics above need no torch
+
+        self.mu, self.sigma = torch.from_numpy(mu).double(), torch.from_numpy(sigma).double()
+        w, v = torch.linalg.eigh(self.sigma)
+        self.root = (v * w.clamp(min=0).sqrt()) @ v.T
+
+    def __call__(self, features) -> float:
+        import torch  # noqa: PLC0415
+
+        feats = features.double()
+        cov = torch.cov(feats.T)
+        middle = self.root @ cov @ self.root
+        tr_covmean = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+        diff = feats.mean(dim=0) - self.mu
+        return float(diff @ diff + self.sigma.trace() + cov.trace() - 2 * tr_covmean)
