@@ -291,10 +291,27 @@ class ReferenceSet:
 
 
 # -- the generator side ---------------------------------------------------------------------------------------
+class Bf16Sampling(nn.Module):
+    """G run under bf16 autocast, as it trained under train.precision=bf16; images come back float32. On a CPU
+    with AMX-BF16 the demo's G samples 2.6x faster so (0.76 s against 1.98 s for 250 images on one core)."""
+
+    def __init__(self, G: nn.Module, device_type: str):
+        super().__init__()
+        self.G, self.device_type = G, device_type
+        self.dim_z, self.num_classes = G.dim_z, G.num_classes
+
+    def forward(self, z: Tensor, y: Tensor) -> Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.G(z, y).float()
+
+
 def evaluation_copy(G: nn.Module, *, passes: int, batch_size: int, truncation: float = 0.0,
-                    device: torch.device | str = "cpu") -> nn.Module:
-    """A copy of G in eval mode whose batch norms hold standing statistics at this truncation (passes 0: G's own)."""
+                    device: torch.device | str = "cpu", bf16: bool = False) -> nn.Module:
+    """A copy of G in eval mode whose batch norms hold standing statistics at this truncation (passes 0: G's own),
+    sampled under bf16 autocast if `bf16` (standing statistics too: the forward they describe)."""
     G = copy.deepcopy(G).eval().requires_grad_(False)
+    if bf16:
+        G = Bf16Sampling(G, torch.device(device).type).eval()
     if passes > 0:
         from models.sampling import standing_stats
 
@@ -305,15 +322,15 @@ def evaluation_copy(G: nn.Module, *, passes: int, batch_size: int, truncation: f
 
 def score(G: nn.Module, reference: ReferenceSet, *, num_classes: int, truncation: float = 0.0,
           device: torch.device | str = "cpu", standing_stats: bool = True,
-          group: metrics.Collective = metrics.LOCAL) -> dict[str, float]:
-    """evaluate_generator on a standing-statistics copy of G, on every rank of `group` (each calls it):
-    {'fid', 'is_mean', 'is_std', 'precision_<space>', 'recall_<space>'}, the same numbers on every rank."""
+          group: metrics.Collective = metrics.LOCAL, bf16: bool = False) -> dict[str, float]:
+    """evaluate_generator on a standing-statistics copy of G (sampled in bf16 if `bf16`), on every rank of `group`
+    (each calls it): {'fid', 'is_mean', 'is_std', 'precision_<space>', 'recall_<space>'}, the same on every rank."""
     ecfg = reference.ecfg
     reference.prepare(group)
     G_eval, error = None, None
     try:  # the same copy on every rank: standing statistics from the same seeded draws
         G_eval = evaluation_copy(G, passes=ecfg.standing_stats_passes if standing_stats else 0,
-                                 batch_size=ecfg.batch_size, truncation=truncation, device=device)
+                                 batch_size=ecfg.batch_size, truncation=truncation, device=device, bf16=bf16)
     except Exception as err:  # noqa: BLE001 - the other ranks must hear of it
         error = err
     group.raise_if_failed(error)
@@ -325,13 +342,14 @@ def score(G: nn.Module, reference: ReferenceSet, *, num_classes: int, truncation
     )
 
 
-def cas(G: nn.Module, reference: ReferenceSet, *, num_classes: int, device: torch.device | str = "cpu"
-        ) -> dict[str, float]:
+def cas(G: nn.Module, reference: ReferenceSet, *, num_classes: int, device: torch.device | str = "cpu",
+        bf16: bool = False) -> dict[str, float]:
     """{'cas', 'real_accuracy', 'cas_gap'}: a classifier like the dataset one (same epochs) trained on
     eval.cas_samples class-balanced samples of a standing-statistics copy of G, and the dataset classifier, both
     tested on the held-out real images. Deterministic: every rank that calls it gets the same numbers."""
     ecfg = reference.ecfg
-    G_eval = evaluation_copy(G, passes=ecfg.standing_stats_passes, batch_size=ecfg.batch_size, device=device)
+    G_eval = evaluation_copy(G, passes=ecfg.standing_stats_passes, batch_size=ecfg.batch_size, device=device,
+                             bf16=bf16)
     test_images, test_labels = reference.held_out()
     out = metrics.classification_accuracy_score(
         G_eval, num_classes=num_classes, dim_z=G_eval.dim_z, test_images=test_images, test_labels=test_labels,
@@ -428,6 +446,11 @@ class Evaluator:
 
     # -- every rank ----------------------------------------------------------------------------------------------
     @property
+    def bf16(self) -> bool:
+        """Sample in bf16 where training runs in it (train.precision)."""
+        return self.trainer.dtype == torch.bfloat16
+
+    @property
     def group(self) -> metrics.Collective:
         """The data-parallel group that shares the evaluation (the trainer's world)."""
         t = self.trainer
@@ -453,9 +476,10 @@ class Evaluator:
         t = self.trainer
         t0 = time.perf_counter()
         result = score(t.ema.model, self.reference, num_classes=t.cfg.model.num_classes,
-                       truncation=self.cfg.truncation, device=t.device, group=self.group)
+                       truncation=self.cfg.truncation, device=t.device, group=self.group, bf16=self.bf16)
         if self.cfg.cas_samples:  # every rank computes the same CAS (seeded), so no rank waits for another's
-            result |= cas(t.ema.model, self.reference, num_classes=t.cfg.model.num_classes, device=t.device)
+            result |= cas(t.ema.model, self.reference, num_classes=t.cfg.model.num_classes, device=t.device,
+                          bf16=self.bf16)
         result["seconds"] = time.perf_counter() - t0
         self.latest = result
         return result
@@ -522,7 +546,7 @@ class Evaluator:
         results = []
         for threshold in thresholds:
             row = score(t.ema.model, self.reference, num_classes=t.cfg.model.num_classes, truncation=threshold,
-                        device=t.device, group=self.group)
+                        device=t.device, group=self.group, bf16=self.bf16)
             results.append({"truncation": float(threshold), **row})
             if t.rank == 0:
                 label = f"{threshold:g}" if threshold > 0 else "none"

@@ -266,3 +266,25 @@ def test_a_real_two_worker_run_evaluates_on_both_and_matches_one_process_on_its_
     assert one["latest"].keys() == ranks[0]["latest"].keys()
     for key, value in one["latest"].items():
         assert ranks[0]["latest"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_bf16_sampling_is_what_a_bf16_run_evaluates_and_stays_close_to_fp32(tmp_path, digits):
+    from pipeline.trainer import build_models
+
+    shards, n = digits
+    cfg = tiny_config(tmp_path, shards, n)
+    torch.manual_seed(0)
+    G = build_models(cfg)[0]
+    z, y = torch.randn(16, G.dim_z), torch.arange(16) % n
+    fp32 = evaluation.evaluation_copy(G, passes=2, batch_size=16)
+    bf16 = evaluation.evaluation_copy(G, passes=2, batch_size=16, bf16=True)
+    assert isinstance(bf16, evaluation.Bf16Sampling) and (bf16.dim_z, bf16.num_classes) == (G.dim_z, G.num_classes)
+    with torch.no_grad():
+        a, b = fp32(z, y), bf16(z, y)
+    assert b.dtype == torch.float32 and not torch.equal(a, b)  # really computed in bf16
+    assert (a - b).abs().max() < 0.1  # and still the same images
+    assert not any(p.requires_grad for p in bf16.parameters()) and not bf16.training
+    # the evaluator samples in the precision the run trains in
+    assert make_trainer(cfg, tmp_path / "fp32").evaluator.bf16 is False
+    cfg_bf16 = tiny_config(tmp_path, shards, n, **{"train.precision": "bf16"})
+    assert make_trainer(cfg_bf16, tmp_path / "bf16").evaluator.bf16 is True
