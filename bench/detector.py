@@ -85,6 +85,7 @@ class Run:
     alarms: list[dict] = field(default_factory=list)
     rollbacks: list[tuple[int, int]] = field(default_factory=list)
     snapshots: list[dict] = field(default_factory=list)  # step, segment, fidelity, fid
+    signals: list[dict] = field(default_factory=list)  # every health check's signals (step, alarm and the values)
     onset: int | None = None
     verdict: dict = field(default_factory=dict)
 
@@ -126,7 +127,7 @@ def train(cfg: C.RunConfig, run: Run, out: Path, snap_every: int, late_at: int |
         if late_at is not None and trainer.step == late_at and not trainer.rollback_log:  # once: not on a replay
             cfg.optim.g_lr *= LATE_LR_SCALE  # the base the recovery's lr scale multiplies, as a resumed run's config
             cfg.optim.d_lr *= LATE_LR_SCALE
-            trainer.recovery._apply_lr_scale()
+            trainer.recovery.apply_lr_scale()
         if trainer.step % snap_every == 0:
             state = {k: v.detach().clone() for k, v in trainer.ema.ready().state_dict().items()}
             torch.save(state, snaps / f"{trainer.step:06d}-{len(trainer.rollback_log)}.pt")
@@ -138,6 +139,8 @@ def train(cfg: C.RunConfig, run: Run, out: Path, snap_every: int, late_at: int |
         run.checks += 1
         if decision.alarm:
             run.alarms.append({"step": decision.step, "reason": decision.reason, "onset": decision.onset_step})
+        # what the rules saw, so a change of rules can be replayed on this run up to its first alarm (--replay)
+        run.signals.append({"step": decision.step, "alarm": decision.alarm, **decision.evidence.get("signals", {})})
         return decision
 
     trainer.train_iteration, trainer.check_health = iteration, timed_check
@@ -208,6 +211,36 @@ def judge(run: Run, nc: int, every: int, sustain: int = SUSTAIN_STEPS) -> None:
             last["fidelity"] >= 0.7 * peak
     v["final"] = last
     v["cost"] = run.health_s / max(run.train_s, 1e-9)
+
+
+def replay(run: Run, overrides: dict[str, str]) -> dict | None:
+    """The first alarm the current rules raise on the run's recorded signals, up to its first recorded alarm
+    (after a rollback the run went elsewhere, so later signals say nothing about other rules). None if quiet."""
+    from pipeline.health import HealthMonitor
+
+    cfg = C.apply_overrides(get_preset("demo"), [f"{k}={v}" for k, v in overrides.items()]).health
+    monitor = HealthMonitor(cfg, num_classes=10)
+    for check in run.signals:
+        signals = {k: float(v) for k, v in check.items() if k not in ("step", "alarm")}
+        decision = monitor.observe(int(check["step"]), signals)
+        if decision.alarm:
+            return {"step": decision.step, "reason": decision.reason, "onset": decision.onset_step}
+        if check["alarm"]:
+            return None
+    return None
+
+
+def replay_table(runs: list[Run], overrides: dict[str, str]) -> str:
+    rows = ["| recipe | seed | checks recorded | first alarm recorded | first alarm of today's rules |", "|---|---|---|---|---|"]
+    for r in runs:
+        if not r.signals:
+            rows.append(f"| {r.recipe} | {r.seed} | 0 | - | (recorded before signals were kept) |")
+            continue
+        was = r.alarms[0] if r.alarms else None
+        now = replay(r, overrides)
+        shown = [f"{a['step']}: {a['reason']}" if a else "none" for a in (was, now)]
+        rows.append(f"| {r.recipe} | {r.seed} | {len(r.signals)} | {shown[0]} | {shown[1]} |")
+    return "\n".join(rows)
 
 
 def table(runs: list[Run]) -> str:
@@ -287,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write every run's record here")
     p.add_argument("--rejudge", nargs="+", default=None, metavar="JSON",
                    help="judge the runs recorded in these --json files again (no training) and print the table")
+    p.add_argument("--replay", nargs="+", default=None, metavar="JSON",
+                   help="feed the health signals recorded in these --json files to today's rules (with --set health.*) "
+                        "up to each run's first recorded alarm, and print what they say (no training)")
     p.add_argument("--cost", type=int, default=0, metavar="ROUNDS",
                    help="only measure the health check's cost at the demo preset's scale over ROUNDS x health.every steps")
     args = p.parse_args(argv)
@@ -301,9 +337,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1))
         return 0
-    if args.rejudge:
+    if args.rejudge or args.replay:
         runs = [Run(**{**r, "rollbacks": [tuple(x) for x in r["rollbacks"]]})
-                for path in args.rejudge for r in json.loads(Path(path).read_text())]
+                for path in args.rejudge or args.replay for r in json.loads(Path(path).read_text())]
+        if args.replay:
+            print(replay_table(runs, dict(item.split("=", 1) for item in args.overrides)))
+            return 0
         for run in runs:
             judge(run, 10, 5)
         print(table(runs))

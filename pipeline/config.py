@@ -195,6 +195,7 @@ class HealthConfig:
     sigma_trend_checks: int = bounded(40, ge=3)  # last checks the sigma0 trend rule looks at (quiet until that many)
     sigma_trend_factor: float = bounded(1.6, gt=1)  # alarm when G's first-layer sigma0 rose by this factor over them ...
     sigma_trend_r2: float = bounded(0.8, ge=0, le=1)  # ... along a steady climb: R^2 of a log-linear fit at least this
+    sigma_trend_quality_ratio: float = bounded(1.25, ge=0)  # ... and the class FID above k x its best in the window (0 = sigma0 alone)
     class_signals: bool = True  # class fidelity, intra-class diversity and class FID of EMA G (pipeline/class_health.py)
     classes: int = bounded(10, ge=2)  # classes in the fixed health batch, evenly spaced over the data's
     samples_per_class: int = bounded(10, ge=2)  # EMA-G samples of each of them per check

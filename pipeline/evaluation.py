@@ -384,6 +384,7 @@ class Evaluator:
         self._reference: ReferenceSet | None = None
         self._pool: ThreadPoolExecutor | None = None  # rank 0: artifact upload waits and model registration
         self._pending: list[Future] = []
+        self._scored: tuple[int, float, dict[str, float]] | None = None  # (step, truncation, score) of the newest
 
     # -- what the trainer calls --------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -477,6 +478,7 @@ class Evaluator:
         t0 = time.perf_counter()
         result = score(t.ema.model, self.reference, num_classes=t.cfg.model.num_classes,
                        truncation=self.cfg.truncation, device=t.device, group=self.group, bf16=self.bf16)
+        self._scored = (step, self.cfg.truncation, dict(result))
         if self.cfg.cas_samples:  # every rank computes the same CAS (seeded), so no rank waits for another's
             result |= cas(t.ema.model, self.reference, num_classes=t.cfg.model.num_classes, device=t.device,
                           bf16=self.bf16)
@@ -545,8 +547,11 @@ class Evaluator:
         t = self.trainer
         results = []
         for threshold in thresholds:
-            row = score(t.ema.model, self.reference, num_classes=t.cfg.model.num_classes, truncation=threshold,
-                        device=t.device, group=self.group, bf16=self.bf16)
+            if self._scored is not None and self._scored[:2] == (t.step, threshold):
+                row = dict(self._scored[2])  # the final evaluation just scored this G at this threshold
+            else:
+                row = score(t.ema.model, self.reference, num_classes=t.cfg.model.num_classes, truncation=threshold,
+                            device=t.device, group=self.group, bf16=self.bf16)
             results.append({"truncation": float(threshold), **row})
             if t.rank == 0:
                 label = f"{threshold:g}" if threshold > 0 else "none"

@@ -61,7 +61,7 @@ class HealthMonitor:
         # a WGAN critic's loss is a negative distance estimate, not a probability: "near zero" means nothing
         self.use_d_loss_floor = loss_kind != "wgan-gp"
         self.history: dict[str, deque] = {}
-        self.trend: deque = deque(maxlen=cfg.sigma_trend_checks)  # (step, sigma0_g_first) of recent quiet checks
+        self.trend: deque = deque(maxlen=cfg.sigma_trend_checks)  # (step, sigma0_g_first, class FID) of quiet checks
         self.extremes: dict[str, float] = {}  # best class signals so far, first class FID (_remember_extremes)
         self.low_d_loss = 0
         self.pending: dict[int, int] = {}  # checkpoint step -> alarm-free checks since it was saved
@@ -162,19 +162,27 @@ class HealthMonitor:
         if value is None or not math.isfinite(value) or value <= 0 or len(self.trend) < c.sigma_trend_checks - 1:
             return False
         points = [*list(self.trend)[-(c.sigma_trend_checks - 1):], (d.step, value)]
-        steps = [float(s) for s, _ in points]
-        logs = [math.log(v) for _, v in points]
+        steps = [float(p[0]) for p in points]
+        logs = [math.log(p[1]) for p in points]
         rise = value / points[0][1]
         if rise < c.sigma_trend_factor:
             return False
         r2 = _r_squared(steps, logs)
         if r2 < c.sigma_trend_r2:
             return False
+        fid = signals.get("class_fid", math.nan)
+        window_fids = [p[2] for p in self.trend if len(p) > 2 and math.isfinite(p[2])]
+        quality = ""
+        if c.sigma_trend_quality_ratio > 0 and math.isfinite(fid) and window_fids:
+            best = min(window_fids)
+            if fid < c.sigma_trend_quality_ratio * best:
+                return False  # samples as good as the window's best: the climb is how this run learns, not a failure
+            quality = f"; class FID {fid:.4g} is {fid / best:.2g}x the window's best {best:.4g}"
         # NOTE: the onset stays the last quiet check: a climb is an early warning, and returning to where it began
         # (often step 0) threw away runs that were still improving (bench/detector.py, no_ortho_high_lr)
         return self._fire(d, "sigma0_trend", f"sigma0_g_first rose {rise:.3g}x over the last {len(points)} checks "
-                          f"(steps {int(steps[0])}-{d.step}, log-linear R^2 {r2:.2f})", rise=rise, r2=r2,
-                          start=points[0][1], value=value)
+                          f"(steps {int(steps[0])}-{d.step}, log-linear R^2 {r2:.2f}){quality}", rise=rise, r2=r2,
+                          start=points[0][1], value=value, class_fid=fid)
 
     @staticmethod
     def _fire(d: Decision, name: str, reason: str, **evidence) -> bool:
@@ -204,7 +212,7 @@ class HealthMonitor:
                 self._trailing(name).append(signals[name])
         sigma = signals.get("sigma0_g_first")
         if sigma is not None and math.isfinite(sigma) and sigma > 0:
-            self.trend.append((d.step, sigma))
+            self.trend.append((d.step, sigma, signals.get("class_fid", math.nan)))
         self.last_ok_step = d.step
         for step in list(self.pending):
             self.pending[step] += 1

@@ -68,15 +68,15 @@ def demo() -> RunConfig:
     cfg.optim.zero_stage = 0
     cfg.ema.decay, cfg.ema.start_step = 0.99, 100  # a short run: average the last ~100 steps, not ~1000
     # 10 minutes on 2 cores after installation (bench/RESULTS.md, "The demo's quality and wall time")
-    cfg.train.steps, cfg.train.global_batch = 500, 64
-    cfg.train.log_every, cfg.train.sample_every, cfg.train.checkpoint_every = 25, 125, 250
+    cfg.train.steps, cfg.train.global_batch = 450, 64
+    cfg.train.log_every, cfg.train.sample_every, cfg.train.checkpoint_every = 25, 150, 225
     cfg.cluster.num_workers, cfg.cluster.use_gpu, cfg.cluster.max_failures = 2, False, 1
     cfg.health.every, cfg.health.min_history = 5, 10
     # a run worth reviewing: FID and CAS in the dataset classifier's features at the end, the checkpoint registered
     # (eval.register_model), a truncation sweep; 4 standing-statistics passes of 250 samples are enough for G's
     # batch norms at this size and cost a fifth of the default 16
     e = cfg.eval
-    e.every, e.features, e.num_samples, e.reference_images, e.batch_size = 500, "classifier", 5000, 5000, 250
+    e.every, e.features, e.num_samples, e.reference_images, e.batch_size = 450, "classifier", 5000, 5000, 250
     e.classifier_epochs, e.pr_samples, e.cas_samples, e.cas_test_images = 5, 2000, 5000, 2000
     e.truncation_sweep, e.standing_stats_passes = "0.5,1.0,0", 4
     return cfg

@@ -44,9 +44,9 @@ class Recovery:
         self.lr_scale = float(state["lr_scale"])
         self.log = [tuple(x) for x in state.get("log", [])]
         t.cfg.loss.r1_gamma, t.data_seed = float(state["r1_gamma"]), int(state["data_seed"])
-        self._apply_lr_scale()
+        self.apply_lr_scale()
 
-    def _apply_lr_scale(self) -> None:
+    def apply_lr_scale(self) -> None:
         t = self.t
         for engine, base in ((t.g_engine, t.cfg.optim.g_lr), (t.d_engine, t.cfg.optim.d_lr)):
             for group in engine.optimizer.param_groups:

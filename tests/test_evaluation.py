@@ -95,6 +95,8 @@ def test_evaluation_in_training_logs_fid_marks_best_and_registers_the_model(tmp_
     ]
     # the health monitor's input: the newest FID, handed over once
     assert trainer.evaluator.take_fid() == pytest.approx(fids[4]) and trainer.evaluator.take_fid() is None
+    # the sweep's "none" is the final evaluation itself (G at step 4, no truncation), not scored a second time
+    assert client.get_run(run_id).data.metrics["truncation/none/fid"] == pytest.approx(fids[4], rel=1e-12)
     # the truncation sweep: a plot and the numbers as artifacts
     artifacts = {f.path for f in client.list_artifacts(run_id, "eval")}
     assert {"eval/truncation_sweep.png", "eval/truncation_sweep.json"} <= artifacts

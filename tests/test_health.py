@@ -223,3 +223,25 @@ def test_new_state_round_trips():
     other.load_state_dict(mon.state_dict())
     assert list(other.trend) == list(mon.trend) and other.extremes == mon.extremes
     assert other.observe(7, {"class_fidelity": 0.1}).alarm
+
+
+def test_a_sigma0_climb_while_the_class_fid_holds_its_best_is_how_the_run_learns_not_an_alarm():
+    """bench/detector.py's no_ortho_high_lr: sigma0 rose 1.78x in 200 steps while quality still improved."""
+    def climb(fids):
+        cfg = HealthConfig(min_history=100, sigma_trend_checks=10, sigma_trend_factor=1.8, sigma_ratio=3.0,
+                           class_fid_ratio=100.0)
+        mon = HealthMonitor(cfg, num_classes=10)
+        for i, fid in enumerate(fids):
+            d = mon.observe(5 * i, {"sigma0_g_first": 1.07**i, "class_fid": fid})
+            if d.alarm:
+                return d
+        return None
+
+    improving = [100.0 - 2 * i for i in range(40)]
+    assert climb(improving) is None
+    # the same climb, the class FID 1.3x its best in the window: the climb is corroborated
+    worsening = [60.0] * 12 + [60.0 * 1.05**i for i in range(1, 29)]
+    d = climb(worsening)
+    assert d is not None and "sigma0_g_first rose" in d.reason and "x the window's best 60" in d.reason
+    assert d.evidence["sigma0_trend"]["class_fid"] >= 1.25 * 60
+    # without class signals the climb alone decides (test_a_slow_steady_sigma0_climb_fires_the_trend_rule)
