@@ -64,6 +64,8 @@ class HealthMonitor:
         self.trend: deque = deque(maxlen=cfg.sigma_trend_checks)  # (step, sigma0_g_first, class FID) of quiet checks
         self.extremes: dict[str, float] = {}  # best class signals so far, first class FID (_remember_extremes)
         self.low_d_loss = 0
+        self.frozen: list[int] = []  # steps of the consecutive checks at which D's losses had not moved
+        self.prev_d: tuple[float, float] | None = None  # (d_loss_real, d_loss_fake) of the previous check
         self.pending: dict[int, int] = {}  # checkpoint step -> alarm-free checks since it was saved
         self._healthy: list[int] = []
         self.last_ok_step = 0
@@ -107,9 +109,33 @@ class HealthMonitor:
                 d.alarm = True
                 d.reason = f"D loss {d_total:.4g} below {c.d_loss_floor} for {self.low_d_loss} checks"
                 d.evidence["d_loss"] = {"value": d_total, "floor": c.d_loss_floor, "checks": self.low_d_loss}
+        frozen_since = self._frozen_d(d, signals, warming_up)
         if d.alarm:
-            d.onset_step = self.last_ok_step
+            d.onset_step = self.last_ok_step if frozen_since is None else frozen_since
         return self._finish(d, signals)
+
+    def _frozen_d(self, d: Decision, signals: dict[str, float], warming_up: bool) -> int | None:
+        """D's real and fake losses the same as at the previous check for health.d_frozen_checks checks: D gives
+        every input the same output (dead units), so neither network learns any more. Returns the onset (the
+        check before the losses froze) when it fires."""
+        c = self.cfg
+        now = (signals.get("d_loss_real", math.nan), signals.get("d_loss_fake", math.nan))
+        before, self.prev_d = self.prev_d, now
+        if c.d_frozen_checks == 0 or before is None or not all(map(math.isfinite, (*now, *before))):
+            self.frozen = []
+            return None
+        still = all(abs(a - b) <= c.d_frozen_tol * max(1.0, abs(b)) for a, b in zip(now, before))
+        self.frozen = [*self.frozen, d.step] if still else []
+        if d.alarm or warming_up or len(self.frozen) < c.d_frozen_checks:
+            return None
+        # the losses are window means: the first frozen value was already whole at the check before frozen[0], so
+        # D died during the window before that one; its start is the last check D surely worked at
+        gap = self.frozen[1] - self.frozen[0] if len(self.frozen) > 1 else c.every
+        onset = max(0, self.frozen[0] - 3 * gap)
+        self._fire(d, "d_frozen", f"D's losses have not moved for {len(self.frozen)} checks (d_real {now[0]:.4g}, "
+                   f"d_fake {now[1]:.4g}, since step {onset}): D gives every input the same output; nothing learns",
+                   checks=len(self.frozen), d_real=now[0], d_fake=now[1], since=onset)
+        return onset
 
     # -- rules: each fills the decision and returns True when it fires ---------------------------------------------
     def _ratio_rules(self, d: Decision, signals: dict[str, float]) -> bool:
@@ -231,6 +257,7 @@ class HealthMonitor:
     def reset_after_rollback(self) -> None:
         self.pending.clear()
         self.low_d_loss = 0
+        self.frozen, self.prev_d = [], None
         self.trend.clear()  # the climb that raised the alarm must not raise it again at the next check
 
     def state_dict(self) -> dict:
@@ -239,6 +266,8 @@ class HealthMonitor:
             "trend": [list(x) for x in self.trend],
             "extremes": dict(self.extremes),
             "low_d_loss": self.low_d_loss,
+            "frozen": list(self.frozen),
+            "prev_d": list(self.prev_d) if self.prev_d is not None else None,
             "pending": dict(self.pending),
             "last_ok_step": self.last_ok_step,
         }
@@ -248,6 +277,8 @@ class HealthMonitor:
         self.trend = deque((tuple(x) for x in state.get("trend", [])), maxlen=self.cfg.sigma_trend_checks)
         self.extremes = dict(state.get("extremes", {}))
         self.low_d_loss = state["low_d_loss"]
+        self.frozen = [int(x) for x in state.get("frozen", [])]
+        self.prev_d = tuple(state["prev_d"]) if state.get("prev_d") is not None else None
         self.pending = {int(k): v for k, v in state["pending"].items()}
         self.last_ok_step = state["last_ok_step"]
 

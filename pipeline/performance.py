@@ -16,8 +16,9 @@ import torch
 from pipeline.config import RunConfig, switch_value
 
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matrix / dot-product units
-# torch.compile on CPU, measured for the demo's model: about this many seconds of compilation per process ...
-CPU_COMPILE_SECONDS = 80.0
+# torch.compile on CPU, measured for the demo's model: about this many seconds of compilation per process with an
+# empty inductor cache (the demo's 2 workers compiling at once on 2 cores: 192 s; a warm cache takes about half) ...
+CPU_COMPILE_SECONDS = 190.0
 # ... and this share of an eager bf16 iteration saved per step after it (bench/RESULTS.md, "CPU speed by default")
 CPU_COMPILE_SAVING = 0.45
 
@@ -120,12 +121,13 @@ def compile_break_even_steps(cfg: RunConfig) -> int:
 
 
 def eager_cpu_step_seconds(cfg: RunConfig) -> float:
-    """A rough eager bf16 CPU iteration time: the demo's measured 0.40 s per iteration (per worker, micro-batch 32,
-    ch 16, 32 px), scaled by the micro-batch, the width squared, the pixels and the D steps."""
+    """A rough eager bf16 CPU iteration time: the demo's measured 1.0 s per iteration (per worker on one core,
+    micro-batch 32, ch 16, 32 px; 1.15-1.22 s in `make demo` with its health checks, 0.97 s in
+    bench/vs_biggan_pytorch.py), scaled by the micro-batch, the width squared, the pixels and the D steps."""
     m, d = cfg.model, cfg.data
     width = ((m.g_ch or 64) / 16) ** 2
     pixels = (m.resolution / 32) ** 2
-    return 0.40 * (d.batch_size / 32) * width * pixels * (cfg.loss.d_steps / 2) * max(cfg.train.global_batch // (
+    return 1.0 * (d.batch_size / 32) * width * pixels * (cfg.loss.d_steps / 2) * max(cfg.train.global_batch // (
         d.batch_size * cfg.cluster.num_workers), 1)
 
 

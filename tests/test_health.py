@@ -13,7 +13,7 @@ from tests.trainer_harness import make_trainer, tiny_config
 def _steady(mon: HealthMonitor, steps, **extra):
     for s in steps:
         d = mon.observe(s, {"sigma0_g_first": 1.0 + 0.01 * (s % 3), "sigma0_d_max": 2.0, "variety": 0.5,
-                            "d_loss_real": 0.6, "d_loss_fake": 0.6, "g_loss": 1.0, **extra})
+                            "d_loss_real": 0.6 + 0.01 * (7 * s % 3), "d_loss_fake": 0.6, "g_loss": 1.0, **extra})
         assert not d.alarm, d.explain()
 
 
@@ -21,7 +21,8 @@ def test_relative_rules_judge_against_the_runs_own_history():
     mon = HealthMonitor(HealthConfig(min_history=5, sigma_ratio=3.0))
     # a big absolute sigma0 is fine if it has always been big: rules are relative
     for s in range(10):
-        assert not mon.observe(s, {"sigma0_g_first": 50.0 + s % 2, "d_loss_real": 0.5, "d_loss_fake": 0.5}).alarm
+        assert not mon.observe(s, {"sigma0_g_first": 50.0 + s % 2, "d_loss_real": 0.5 + 0.01 * (7 * s % 3),
+                                   "d_loss_fake": 0.5}).alarm
     d = mon.observe(10, {"sigma0_g_first": 200.0, "d_loss_real": 0.5, "d_loss_fake": 0.5})
     assert d.alarm and "sigma0_g_first" in d.reason and d.onset_step == 9
     assert d.evidence["sigma0_g_first"]["trailing_median"] == pytest.approx(50.5)
@@ -149,7 +150,8 @@ def test_a_new_fid_is_judged_once_at_the_next_check(tmp_path, digits_shards):
 def _classy(mon: HealthMonitor, steps, fidelity=0.6, diversity=0.8, fid=40.0, sigma=1.0):
     for s in steps:
         d = mon.observe(s, {"sigma0_g_first": sigma, "class_fidelity": fidelity + 0.01 * (s % 2),
-                            "class_diversity": diversity, "class_fid": fid, "d_loss_real": 0.6, "d_loss_fake": 0.6})
+                            "class_diversity": diversity, "class_fid": fid,
+                            "d_loss_real": 0.6 + 0.01 * (7 * s % 3), "d_loss_fake": 0.6})
         assert not d.alarm, d.explain()
 
 
@@ -245,3 +247,30 @@ def test_a_sigma0_climb_while_the_class_fid_holds_its_best_is_how_the_run_learns
     assert d is not None and "sigma0_g_first rose" in d.reason and "x the window's best 60" in d.reason
     assert d.evidence["sigma0_trend"]["class_fid"] >= 1.25 * 60
     # without class signals the climb alone decides (test_a_slow_steady_sigma0_climb_fires_the_trend_rule)
+
+
+def test_a_d_whose_losses_stop_moving_is_dead_and_the_onset_is_before_it_froze():
+    """bench/detector.py's no_ortho_high_lr (D lr 8e-3): from step ~170 D gave every input the same output, the
+    hinge losses stuck at d_real 1.482, d_fake 0.518 (sum 2: a constant D), and nothing learned any more."""
+    mon = HealthMonitor(HealthConfig(every=5, min_history=100, d_frozen_checks=4))
+    healthy = [(1.0 + 0.03 * (i % 3), 0.9 - 0.02 * (i % 4)) for i in range(30)]
+    for i, (real, fake) in enumerate(healthy):
+        assert not mon.observe(5 * i, {"d_loss_real": real, "d_loss_fake": fake}).alarm
+    steps = []
+    for j in range(8):  # one mixed window, then frozen
+        step = 150 + 5 * j
+        real, fake = (1.3, 0.6) if j == 0 else (1.482, 0.518)
+        d = mon.observe(step, {"d_loss_real": real, "d_loss_fake": fake})
+        steps.append(step)
+        if d.alarm:
+            break
+    assert d.alarm and "D's losses have not moved for 4 checks" in d.reason
+    assert d.step == 175 and d.onset_step == 145  # frozen at 160-175; restore from before the window that froze
+    mon.reset_after_rollback()
+    assert not mon.observe(180, {"d_loss_real": 1.482, "d_loss_fake": 0.518}).alarm  # counting starts afresh
+    # a healthy run's window means never repeat to 1e-4 for four checks; off with d_frozen_checks=0
+    off = HealthMonitor(HealthConfig(min_history=100, d_frozen_checks=0))
+    assert not any(off.observe(5 * i, {"d_loss_real": 1.482, "d_loss_fake": 0.518}).alarm for i in range(10))
+    restored = HealthMonitor(HealthConfig(min_history=100, d_frozen_checks=4))
+    restored.load_state_dict(mon.state_dict())
+    assert restored.prev_d == mon.prev_d and restored.frozen == mon.frozen
