@@ -124,7 +124,9 @@ class HealthMonitor:
         if c.d_frozen_checks == 0 or before is None or not all(map(math.isfinite, (*now, *before))):
             self.frozen = []
             return None
-        still = all(abs(a - b) <= c.d_frozen_tol * max(1.0, abs(b)) for a, b in zip(now, before))
+        # both at ~0 is a D that wins outright, not a dead one: the d_loss_floor rule judges that
+        still = sum(now) >= c.d_loss_floor and all(abs(a - b) <= c.d_frozen_tol * max(1.0, abs(b))
+                                                   for a, b in zip(now, before))
         self.frozen = [*self.frozen, d.step] if still else []
         if d.alarm or warming_up or len(self.frozen) < c.d_frozen_checks:
             return None

@@ -268,6 +268,9 @@ def test_a_d_whose_losses_stop_moving_is_dead_and_the_onset_is_before_it_froze()
     assert d.step == 175 and d.onset_step == 145  # frozen at 160-175; restore from before the window that froze
     mon.reset_after_rollback()
     assert not mon.observe(180, {"d_loss_real": 1.482, "d_loss_fake": 0.518}).alarm  # counting starts afresh
+    # a D that wins outright (both losses 0) is the d_loss_floor rule's, not a dead D
+    winning = HealthMonitor(HealthConfig(min_history=100, d_frozen_checks=4, d_loss_patience=50))
+    assert not any(winning.observe(5 * i, {"d_loss_real": 0.0, "d_loss_fake": 0.0}).alarm for i in range(10))
     # a healthy run's window means never repeat to 1e-4 for four checks; off with d_frozen_checks=0
     off = HealthMonitor(HealthConfig(min_history=100, d_frozen_checks=0))
     assert not any(off.observe(5 * i, {"d_loss_real": 1.482, "d_loss_fake": 0.518}).alarm for i in range(10))
