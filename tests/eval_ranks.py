@@ -49,6 +49,7 @@ def trainer_stub(cfg: C.RunConfig, rank: int, world_size: int, G: torch.nn.Modul
     return types.SimpleNamespace(
         rank=rank, world_size=world_size, device=torch.device("cpu"), cfg=cfg, tracker=Tracker("", "", "", enabled=False),
         ema=types.SimpleNamespace(model=G), status="finished", step=cfg.train.steps, work_dir=Path(work_dir),
+        dtype=torch.float32,  # the precision training ran in: evaluation samples in it
     )
 
 
