@@ -67,7 +67,8 @@ def demo() -> RunConfig:
     cfg.optim.g_lr, cfg.optim.d_lr = 2e-4, 2e-4
     cfg.optim.zero_stage = 0
     cfg.ema.decay, cfg.ema.start_step = 0.99, 100  # a short run: average the last ~100 steps, not ~1000
-    # 10 minutes on 2 cores after installation (bench/RESULTS.md, "The demo's quality and wall time")
+    # aimed at 10 minutes on 2 cores after installation; measured 12.3 min on a fresh machine (bench/RESULTS.md,
+    # "The demo as a user runs it")
     cfg.train.steps, cfg.train.global_batch = 450, 64
     cfg.train.log_every, cfg.train.sample_every, cfg.train.checkpoint_every = 25, 150, 225
     cfg.cluster.num_workers, cfg.cluster.use_gpu, cfg.cluster.max_failures = 2, False, 1
