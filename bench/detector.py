@@ -1,22 +1,27 @@
 """Does the health monitor catch the collapses that happen, and stay quiet on healthy runs? Provoked natural failures.
 
     python bench/detector.py                               # every recipe, then the healthy runs
-    python bench/detector.py --only lr_g_high,late_lr --steps 300 --json detector.json
+    python bench/detector.py --only lr_g_high,no_sn_d --steps 200 --out /tmp/det --json detector.json
     python bench/detector.py --only healthy --healthy-steps 1000 --seeds 1,2,3
 
 Each recipe is a set of real settings (config overrides), never injected tensors, on the embedded default scaled
-down to fit 2 shared CPU cores: the demo preset's BigGAN with `model.g_ch=d_ch=8`, batch 16, `train.precision=bf16`
-and channels_last, Fashion-MNIST at 32 px (bench/quality.py's shards), the real `Trainer.fit()` in this process
+down to fit 2 shared CPU cores: the demo preset's BigGAN with `model.g_ch=d_ch=8`, batch 16, the precision and
+layout `auto` picks for the CPU (bf16 and channels_last where it has bf16 matrix units, fp32 elsewhere), eager,
+Fashion-MNIST at 32 px (bench/quality.py's shards), the real `Trainer.fit()` in this process
 on one rank (gloo on 127.0.0.1), health checks every 5 G steps (the demo's cadence), with rollback and mitigation
-as configured. `late_lr` trains with the base settings, then raises both learning rates 20x at `--late-at` (what a
-user does who resumes with a new learning rate): a failure after a healthy phase.
+as configured. Most recipes fail *late*, as the paper's collapses do: one healthy run with the base settings
+trains to `--late-at` (the warm run, trained once), and each late recipe resumes from its checkpoint with its own
+settings (what a user does who resumes with new settings): the run has learned its classes and has something to
+lose, and the monitor has the healthy history its relative rules judge against. The others start with theirs.
 
 Independent quality measure, offline: every `--snap-every` G steps the bench saves EMA G's weights to disk
 (`<out>/<recipe>/snapshots/`); after training it scores each file with the dataset classifier (the cached one
 the health check uses, trained once on 5,000 real images) on `--eval-samples` fresh samples (their own latents,
 not the health batch): class fidelity (its accuracy) and FID in its features against the cached real statistics.
+D is saved beside it and scored on 500 real images and the same samples: a D whose outputs have
+no spread (std < 1e-3 over all 1,000) is dead, whatever G's samples look like (G gets no gradient from it).
 The run *failed* at the first snapshot (before the first rollback) where fidelity fell below 1.5 x chance after
-having reached 3 x chance, or FID rose above 2 x its best so far, or the weights were not finite.
+having reached 3 x chance, or FID rose above 2 x its best so far, or D was dead, or the weights were not finite.
 
 Per recipe the table gives: that onset step; the first alarm (step and rule); the delay in health checks
 (target <= 2); what was restored (target: a step before the onset); whether the run recovered (finished, and
@@ -32,6 +37,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -51,26 +57,28 @@ from pipeline.presets import get_preset  # noqa: E402
 
 BASE = {
     "model.g_ch": 8, "model.d_ch": 8, "data.batch_size": 16, "train.global_batch": 16, "cluster.num_workers": 1,
-    "data.backend": "wds", "train.precision": "bf16", "train.channels_last": True, "train.log_every": 5,
+    "data.backend": "wds", "train.precision": "auto", "train.channels_last": "auto", "train.log_every": 5,
     "train.checkpoint_every": 25, "train.keep_last": 100, "train.sample_every": 100000,
-    "optim.g_lr": 8e-4, "optim.d_lr": 8e-4,
+    "optim.g_lr": 8e-4, "optim.d_lr": 8e-4, "train.compile": False,
     "health.enabled": True, "health.every": 5, "health.max_rollbacks": 3,
     "eval.reference_images": 5000, "eval.classifier_epochs": 5,
+    "eval.every": 0, "eval.truncation_sweep": "",  # the offline measure below judges quality; no FID/CAS runs
 }
 
-RECIPES: dict[str, dict] = {
-    "lr_g_high": {"optim.g_lr": 2e-2},
-    "lr_d_high": {"optim.d_lr": 2e-2},
-    "lr_both_high": {"optim.g_lr": 1e-2, "optim.d_lr": 1e-2},
-    "dg_ratio_high": {"loss.d_steps": 8, "optim.d_lr": 4e-3},
-    "no_ortho_high_lr": {"loss.ortho_beta": 0.0, "optim.g_lr": 2e-3, "optim.d_lr": 8e-3},  # issue #17's run
-    "tiny_batch": {"data.batch_size": 2, "train.global_batch": 2, "optim.g_lr": 2e-3, "optim.d_lr": 2e-3},
-    "r1_off_strong_d": {"loss.r1_gamma": 0.0, "model.d_ch": 32, "loss.d_steps": 4, "optim.d_lr": 4e-3},
-    "late_lr": {},  # base settings, both learning rates x LATE_LR_SCALE at --late-at
+LATE, START = "late", "start"
+# name: (settings, when they apply: from --late-at on the warm run's checkpoint, or from step 0)
+RECIPES: dict[str, tuple[dict, str]] = {
+    "lr_g_high": ({"optim.g_lr": 2e-2}, LATE),
+    "lr_d_high": ({"optim.d_lr": 2e-2}, LATE),
+    "lr_both_high": ({"optim.g_lr": 1.6e-2, "optim.d_lr": 1.6e-2}, LATE),  # both x20
+    "dg_ratio_high": ({"loss.d_steps": 8, "optim.d_lr": 4e-3}, LATE),
+    "no_sn_d": ({"model.d_spectral_norm": False}, LATE),  # D's spectral norm switched off
+    "no_ortho_high_lr": ({"loss.ortho_beta": 0.0, "optim.g_lr": 2e-3, "optim.d_lr": 8e-3}, START),  # issue #17's run
+    "tiny_batch": ({"data.batch_size": 2, "train.global_batch": 2, "optim.g_lr": 2e-3, "optim.d_lr": 2e-3}, START),
+    "r1_off_strong_d": ({"loss.r1_gamma": 0.0, "model.d_ch": 32, "loss.d_steps": 4, "optim.d_lr": 4e-3}, START),
 }
-LATE_LR_SCALE = 20.0
 SUSTAIN_STEPS = 25
-NOT_RUN = {"no_sn_d": "BigGAN's D has spectral norm built into its layers and the config has no switch for it"}
+DEAD_D_SPREAD = 1e-3
 
 
 @dataclass
@@ -87,6 +95,7 @@ class Run:
     snapshots: list[dict] = field(default_factory=list)  # step, segment, fidelity, fid
     signals: list[dict] = field(default_factory=list)  # every health check's signals (step, alarm and the values)
     onset: int | None = None
+    resumed_at: int = 0  # a late recipe: the warm run's step it continued from with its own settings
     verdict: dict = field(default_factory=dict)
 
 
@@ -102,7 +111,9 @@ def build_config(shards: str, out: Path, overrides: dict, steps: int, seed: int)
     return C.validate(cfg)
 
 
-def train(cfg: C.RunConfig, run: Run, out: Path, snap_every: int, late_at: int | None) -> None:
+def train(cfg: C.RunConfig, run: Run, out: Path, snap_every: int, resume_from: Path | None = None) -> None:
+    """Trainer.fit() with timed health checks and EMA-G/D snapshots; resume_from: a run folder whose newest
+    checkpoint this run continues from, with its own settings (run.snapshots holds that run's scored history)."""
     from pipeline.checkpoint import CheckpointStore
     from pipeline.data import build_loader
     from pipeline.engines import init_single_process_group
@@ -110,6 +121,10 @@ def train(cfg: C.RunConfig, run: Run, out: Path, snap_every: int, late_at: int |
     from pipeline.trainer import Trainer
 
     init_single_process_group()
+    snaps = out / "snapshots"
+    if resume_from is not None:
+        shutil.copytree(resume_from / "checkpoints", out / "checkpoints", dirs_exist_ok=True)
+    snaps.mkdir(parents=True, exist_ok=True)
 
     def make_loader(epoch: int, offset: int, seed: int):
         return build_loader(cfg.data.shards, batch_size=cfg.data.batch_size, backend="wds", seed=seed,
@@ -118,19 +133,17 @@ def train(cfg: C.RunConfig, run: Run, out: Path, snap_every: int, late_at: int |
 
     trainer = Trainer(cfg, make_loader=make_loader, store=CheckpointStore(str(out / "checkpoints")),
                       tracker=Tracker("", "", "", enabled=False), device=torch.device("cpu"))
-    snaps = out / "snapshots"
-    snaps.mkdir(parents=True, exist_ok=True)
+    if resume_from is not None:
+        trainer.load_checkpoint(trainer.store.latest())
+        run.resumed_at = trainer.step
     iterate, check = trainer.train_iteration, trainer.check_health
 
     def iteration() -> None:
         iterate()
-        if late_at is not None and trainer.step == late_at and not trainer.rollback_log:  # once: not on a replay
-            cfg.optim.g_lr *= LATE_LR_SCALE  # the base the recovery's lr scale multiplies, as a resumed run's config
-            cfg.optim.d_lr *= LATE_LR_SCALE
-            trainer.recovery.apply_lr_scale()
         if trainer.step % snap_every == 0:
-            state = {k: v.detach().clone() for k, v in trainer.ema.ready().state_dict().items()}
-            torch.save(state, snaps / f"{trainer.step:06d}-{len(trainer.rollback_log)}.pt")
+            state = {"G": trainer.ema.ready().state_dict(), "D": trainer.D.state_dict()}
+            torch.save({k: {n: v.detach().clone() for n, v in sd.items()} for k, sd in state.items()},
+                       snaps / f"{trainer.step:06d}-{len(trainer.rollback_log)}.pt")
 
     def timed_check(losses):
         t0 = time.perf_counter()
@@ -154,44 +167,70 @@ def train(cfg: C.RunConfig, run: Run, out: Path, snap_every: int, late_at: int |
 
 @torch.no_grad()
 def score_snapshots(trainer, run: Run, snaps: Path, eval_samples: int = 500) -> None:
-    """Offline: class fidelity and FID (classifier features) of every saved EMA G, on latents of their own."""
+    """Offline: class fidelity and FID (classifier features) of every saved EMA G, on latents of their own, and
+    the spread of the saved D's outputs over real images and those samples."""
     from pipeline.metrics.frechet import frechet_distance
 
     sig = trainer.class_signals
     G = copy.deepcopy(trainer.ema.model).eval()
+    D = copy.deepcopy(trainer.D).eval()
     gen = torch.Generator().manual_seed(99)
     nc = trainer.cfg.model.num_classes
     y = torch.arange(eval_samples) % nc
     z = torch.randn(eval_samples, G.dim_z, generator=gen)
+    real, real_y = real_batch(trainer.cfg, eval_samples)
     for path in sorted(snaps.glob("*.pt")):
         step, segment = (int(x) for x in path.stem.split("-"))
-        G.load_state_dict(torch.load(path, weights_only=True))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        state = torch.load(path, weights_only=True)
+        G.load_state_dict(state["G"])
+        D.load_state_dict(state["D"])
+        with sig._autocast():  # training's precision: bf16 is emulated, and slow, on CPUs without bf16 units
             images = torch.cat([G(z[i:i + 100], y[i:i + 100]).float() for i in range(0, eval_samples, 100)])
             feats = sig.classifier.features(images).float()
             logits = sig.classifier.head(feats).float()
+            d_out = torch.cat([D(x[i:i + 100], c[i:i + 100]).float().flatten()
+                               for x, c in ((real, real_y), (images, y)) for i in range(0, eval_samples, 100)])
         f = feats.double().numpy()
-        ok = bool(np.isfinite(f).all())
+        ok = bool(np.isfinite(f).all()) and bool(torch.isfinite(d_out).all())
         fid = frechet_distance(f.mean(0), np.cov(f, rowvar=False), sig.mu, sig.sigma) if ok else math.inf
         run.snapshots.append({"step": step, "segment": segment, "fidelity": float((logits.argmax(1) == y).float().mean()),
-                              "fid": fid, "finite": ok})
+                              "fid": fid, "finite": ok, "d_spread": float(d_out.std()) if ok else math.nan})
+
+
+def real_batch(cfg: C.RunConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n real images and labels from the shards, in the order the loader's seed 12345 gives (the same every run)."""
+    from pipeline.data import build_loader
+
+    loader = build_loader(cfg.data.shards, batch_size=100, backend="wds", seed=12345, resolution=cfg.model.resolution,
+                          flip=False, num_threads=1)
+    xs, ys = [], []
+    for x, c in loader:
+        xs.append(x.float())
+        ys.append(c)
+        if sum(len(b) for b in xs) >= n:
+            break
+    loader.close()
+    return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
 def _failed(s: dict, best_fid: float, peak: float, chance: float) -> bool:
-    return (not s["finite"]) or (peak >= 3 * chance and s["fidelity"] < 1.5 * chance) or s["fid"] > 2 * best_fid
+    dead_d = s.get("d_spread", 1.0) < DEAD_D_SPREAD  # older records have no D snapshot
+    return (not s["finite"]) or (peak >= 3 * chance and s["fidelity"] < 1.5 * chance) or s["fid"] > 2 * best_fid \
+        or dead_d
 
 
 def judge(run: Run, nc: int, every: int, sustain: int = SUSTAIN_STEPS) -> None:
     """Onset by the offline measure, then detection delay, restore point and recovery.
 
-    A failure must last: the onset is the first snapshot (of the run before any rollback, after step 25) that is
+    A failure must last: the onset is the first snapshot (of the run before any rollback, after step 25 and after
+    the warm run's part of a late recipe, which only sets the bests) that is
     failed against the best FID and fidelity before it, and so is every snapshot of the next `sustain` steps
     (a tiny GAN's FID swings; one bad snapshot is not a collapse), or up to the first rollback if that came sooner."""
     chance = 1.0 / nc
     first = sorted((s for s in run.snapshots if s["segment"] == 0), key=lambda s: s["step"])
     best_fid, peak, run.onset = math.inf, 0.0, None
     for i, s in enumerate(first):
-        if s["step"] > 25 and _failed(s, best_fid, peak, chance):
+        if s["step"] > max(25, run.resumed_at) and _failed(s, best_fid, peak, chance):
             later = [x for x in first[i:] if x["step"] <= s["step"] + sustain]
             # a rollback cuts the run short: then every snapshot it left after this one must have failed
             lasted = first[-1]["step"] >= s["step"] + sustain or bool(run.rollbacks)
@@ -244,7 +283,7 @@ def replay_table(runs: list[Run], overrides: dict[str, str]) -> str:
 
 
 def table(runs: list[Run]) -> str:
-    rows = ["| recipe | seed | steps | status | onset (offline) | first alarm | rule | false alarm | delay (checks) | "
+    rows = ["| recipe | seed | steps (late: from the warm run's) | status | onset (offline) | first alarm | rule | false alarm | delay (checks) | "
             "restored | before onset | recovered | final fid / fidelity | health cost |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -254,18 +293,16 @@ def table(runs: list[Run]) -> str:
         restored = ", ".join(f"{f}->{t}" for f, t in r.rollbacks) or "-"
         rule = a["reason"].split(" is ")[0].split(" rose")[0][:40] if a else "-"
         rows.append(
-            f"| {r.recipe} | {r.seed} | {r.steps} | {r.status} | {r.onset if r.onset is not None else 'none'} | "
+            f"| {r.recipe} | {r.seed} | {f'{r.resumed_at}->' if r.resumed_at else ''}{r.steps} | {r.status} | {r.onset if r.onset is not None else 'none'} | "
             f"{a['step'] if a else '-'} | {rule} | {v['false_alarm']} | {v.get('delay_checks', '-')} | {restored} | "
             f"{v.get('restored_before_onset', '-')} | {v.get('recovered', '-')} | "
             f"{final.get('fid', math.nan):.1f} / {final.get('fidelity', math.nan):.2f} | {100 * v['cost']:.1f}% |")
-    for name, why in NOT_RUN.items():
-        rows.append(f"| {name} | - | - | not run: {why} | | | | | | | | | | |")
     return "\n".join(rows)
 
 
 def measure_cost(shards: str, out: Path, rounds: int, extra: dict) -> dict:
     """The health check's share of training time at the demo preset's own scale and cadence (ch 16, global batch
-    64, every 5 G steps), on one rank (so the check does the whole health batch: two ranks split it), bf16.
+    64, every 5 G steps), on one rank (so the check does the whole health batch: two ranks split it), in `auto` precision.
     Training and checks alternate in one process, so machine load hits both alike."""
     from data_prep.shard_format import read_manifest
     from pipeline.checkpoint import CheckpointStore
@@ -309,10 +346,11 @@ def measure_cost(shards: str, out: Path, rounds: int, extra: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default="", help=f"comma-separated recipes and/or 'healthy' (default all: {', '.join(RECIPES)}, healthy)")
-    p.add_argument("--steps", type=int, default=300, help="G steps of each failure recipe")
+    p.add_argument("--steps", type=int, default=300, help="G steps of each failure recipe (a late one: after --late-at)")
     p.add_argument("--healthy-steps", type=int, default=1000, help="G steps of each healthy run")
     p.add_argument("--seeds", default="1,2,3", help="seeds of the healthy runs")
-    p.add_argument("--late-at", type=int, default=150, help="late_lr: the step at which the learning rates jump")
+    p.add_argument("--late-at", type=int, default=500,
+                   help="G steps of the healthy warm run that late recipes resume from with their settings")
     p.add_argument("--snap-every", type=int, default=5, help="G steps between EMA-G snapshots for the offline measure")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="on every run")
     p.add_argument("--data", default=str(ROOT / "data" / "demo-shards"), help="shard folder (made if missing)")
@@ -355,22 +393,42 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown recipe(s) {unknown}; choose from {[*RECIPES, 'healthy']}")
     extra = dict(item.split("=", 1) for item in args.overrides)
-    plan = [(name, RECIPES[name], args.steps, 0) for name in wanted if name != "healthy"]
-    if "healthy" in wanted:
-        plan += [("healthy", {}, args.healthy_steps, int(s)) for s in args.seeds.split(",")]
     runs: list[Run] = []
-    for name, overrides, steps, seed in plan:
+
+    def run_one(name: str, overrides: dict, steps: int, seed: int, warm: Run | None = None) -> Run:
         folder = out / f"{name}-{seed}"
-        cfg = build_config(shards, folder, {**overrides, **extra}, steps, seed)
-        run = Run(name, seed, steps)
-        print(f"[detector] {name} seed {seed}: {steps} steps ({overrides or 'base settings'})", flush=True)
-        train(cfg, run, folder, args.snap_every, args.late_at if name == "late_lr" else None)
-        judge(run, cfg.model.num_classes, cfg.health.every)
-        print(f"[detector] {name}: status {run.status}, onset {run.onset}, alarms {run.alarms[:2]}, "
-              f"rollbacks {run.rollbacks}, verdict {run.verdict}", flush=True)
+        if (folder / "run.json").is_file():  # done by an earlier invocation with this --out
+            run = Run(**json.loads((folder / "run.json").read_text()))
+            run.rollbacks = [tuple(x) for x in run.rollbacks]
+            print(f"[detector] {name} seed {seed}: reusing {folder}", flush=True)
+        else:
+            cfg = build_config(shards, folder, {**overrides, **extra}, steps, seed)
+            run = Run(name, seed, steps, snapshots=copy.deepcopy(warm.snapshots) if warm else [])
+            print(f"[detector] {name} seed {seed}: {steps} steps ({overrides or 'base settings'}"
+                  f"{f', from the warm run at step {args.late_at}' if warm else ''})", flush=True)
+            t0 = time.perf_counter()
+            train(cfg, run, folder, args.snap_every, out / f"{warm.recipe}-{warm.seed}" if warm else None)
+            judge(run, cfg.model.num_classes, cfg.health.every)
+            (folder / "run.json").write_text(json.dumps(run.__dict__, indent=1, default=str))
+            print(f"[detector] {name}: {time.perf_counter() - t0:.0f} s, status {run.status}, onset {run.onset}, "
+                  f"alarms {run.alarms[:2]}, rollbacks {run.rollbacks}, verdict {run.verdict}", flush=True)
         runs.append(run)
         if args.json:
             Path(args.json).write_text(json.dumps([r.__dict__ for r in runs], indent=1, default=str))
+        return run
+
+    late = [name for name in wanted if name in RECIPES and RECIPES[name][1] == LATE]
+    warm = run_one("warm", {}, args.late_at, 0) if late else None  # the healthy phase late recipes resume from
+    for name in wanted:
+        if name in RECIPES:
+            overrides, when = RECIPES[name]
+            if when == LATE:
+                run_one(name, overrides, args.late_at + args.steps, 0, warm)
+            else:
+                run_one(name, overrides, args.steps, 0)
+    if "healthy" in wanted:
+        for seed in args.seeds.split(","):
+            run_one("healthy", {}, args.healthy_steps, int(seed))
     print(table(runs))
     return 0
 

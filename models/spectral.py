@@ -33,6 +33,7 @@ __all__ = [
     "sigma0s",
     "first_layer_sigma0",
     "power_iteration_",
+    "set_spectral_norm",
 ]
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
@@ -52,6 +53,7 @@ class SpectralNorm:
     u: torch.Tensor
     v: torch.Tensor
     sigma0: torch.Tensor
+    sn_on: bool = True  # False: forward uses the raw weight; the power iteration still tracks sigma0
 
     def _init_spectral_norm(self, num_itrs: int = 1, eps: float = 1e-6) -> None:
         if num_itrs < 1:
@@ -73,9 +75,13 @@ class SpectralNorm:
         power_iteration_(self, num_itrs)
 
     def normalized_weight(self) -> torch.Tensor:
-        """W / sigma, updating u, v and sigma0 first when in training mode."""
+        """W / sigma, updating u, v and sigma0 first when in training mode (W itself when `sn_on` is False)."""
         w = self.weight
         w_mat = w.flatten(1)
+        if not self.sn_on:
+            if self.training:  # sigma0 stays a live reading of the raw weight's scale, for the health check
+                power_iteration_(self, self.num_itrs)
+            return w
         if self.training:
             u, v = power_iteration_(self, self.num_itrs)
         else:
@@ -147,6 +153,17 @@ class SNEmbedding(SpectralNorm, nn.Embedding):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.normalized_weight())
+
+
+def set_spectral_norm(module: nn.Module, on: bool) -> int:
+    """Switch the normalization of every spectrally normalized layer in module on or off; returns their count.
+
+    Off is an ablation (the paper's D without spectral norm): the layers keep their buffers, so checkpoints load
+    either way and sigma0 still reads the raw weight's top singular value."""
+    layers = [m for m in module.modules() if isinstance(m, SpectralNorm)]
+    for layer in layers:
+        layer.sn_on = on
+    return len(layers)
 
 
 def sigma0s(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -82,6 +82,7 @@ class ModelConfig:
     bn_eps: float = bounded(1e-5, gt=0)
     sn_eps: float = bounded(1e-6, gt=0)
     num_sv_itrs: int = bounded(1, ge=1)  # power iterations per training forward
+    d_spectral_norm: bool = True  # false: D trains on raw weights (an ablation; sigma0 is still read). BigGAN only
     d_head: str = "projection"  # projection | acgan (auxiliary classifier; dcgan)
     d_norm: str = "batch"  # dcgan D normalization: batch | layer | none (WGAN-GP needs layer or none)
     d_conditioning: str = "projection"  # dcgan D conditioning: projection | concat
@@ -408,6 +409,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"model.attention: {cfg.model.attention} is above model.resolution {cfg.model.resolution}; use 0 for none"
         )
+    if not cfg.model.d_spectral_norm and cfg.model.arch == "dcgan":
+        raise ConfigError("model.d_spectral_norm: false needs model.arch biggan or biggan-deep; dcgan's D has no "
+                          "spectral norm to switch off (see model.d_norm)")
     if cfg.eval.every > 0 and cfg.eval.every % cfg.train.checkpoint_every:
         raise ConfigError(
             f"eval.every: {cfg.eval.every} is not a multiple of train.checkpoint_every {cfg.train.checkpoint_every}; "

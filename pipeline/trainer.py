@@ -18,7 +18,7 @@ import torch.distributed as dist
 import models
 from models.layers import StatsBatchNorm
 from models.regularization import orthogonal_penalty
-from models.spectral import SpectralNorm, first_layer_sigma0, sigma0s
+from models.spectral import SpectralNorm, first_layer_sigma0, set_spectral_norm, sigma0s
 from pipeline import drills, losses, preemption, tricks
 from pipeline.augment import augment_generator, diff_augment
 from pipeline.checkpoint import CheckpointInfo, CheckpointStore
@@ -57,6 +57,8 @@ def build_models(cfg: RunConfig):
         d_kw |= spectral
     G = models.build_generator(m.arch, m.resolution, m.num_classes, **g_kw)
     D = models.build_discriminator(m.arch, m.resolution, m.num_classes, **d_kw)
+    if not m.d_spectral_norm:
+        set_spectral_norm(D, False)
     if m.d_head == "acgan":
         D = tricks.ACGANDiscriminator(D, m.num_classes)
     return G, D

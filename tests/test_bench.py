@@ -156,3 +156,9 @@ def test_detector_dates_a_lasting_failure_and_judges_the_rollback():
               snapshots=snaps([200, 90, 60, 55, 50, 50, 50, 52, 51, 50, 50]))
     judge(run, nc=10, every=5)
     assert run.onset is None and run.verdict["false_alarm"] is True
+    # a D that gives every input the same output is a failure whatever G's samples score (G learns nothing more)
+    run = Run("x", 0, 100, status="finished", snapshots=snaps([200, 90, 60, 55, 50, 50, 50, 50, 50, 50, 50, 50]))
+    for s in run.snapshots:
+        s["d_spread"] = 0.8 if s["step"] < 30 else 2e-4
+    judge(run, nc=10, every=5)
+    assert run.onset == 30

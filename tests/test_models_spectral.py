@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from models import build_discriminator, build_generator
-from models.spectral import SNConv2d, SNEmbedding, SNLinear, SpectralNorm, first_layer_sigma0, sigma0s
+from models.spectral import (
+    SNConv2d,
+    SNEmbedding,
+    SNLinear,
+    SpectralNorm,
+    first_layer_sigma0,
+    set_spectral_norm,
+    sigma0s,
+)
 
 
 def _top_sv(layer: SpectralNorm) -> torch.Tensor:
@@ -117,3 +125,37 @@ def test_gradient_flows_through_sigma():
     g = lin.weight.grad
     assert g.norm() > 0
     assert torch.sum(g * lin.weight.detach()).abs() < 1e-4 * g.norm() * lin.weight.norm()
+
+
+def test_spectral_norm_switched_off_trains_on_raw_weights_and_still_reads_sigma0():
+    torch.manual_seed(0)
+    layer = SNConv2d(4, 6, kernel_size=3, padding=1)
+    with torch.no_grad():
+        layer.weight.mul_(5.0)  # top singular value far from 1, so normalized and raw outputs differ
+    x = torch.randn(2, 4, 6, 6)
+    layer.train()
+    normalized = layer(x)
+    assert set_spectral_norm(layer, False) == 1
+    for _ in range(100):
+        raw = layer(x)
+    torch.testing.assert_close(raw, F.conv2d(x, layer.weight, layer.bias, padding=1))
+    assert not torch.allclose(raw, normalized)
+    torch.testing.assert_close(layer.sigma0, _top_sv(layer), rtol=1e-4, atol=0)  # still tracked
+    raw.sum().backward()  # the gradient reaches the raw weight
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_d_spectral_norm_false_builds_a_d_without_it_and_keeps_checkpoint_keys():
+    from pipeline import config as C
+    from pipeline.presets import get_preset
+    from pipeline.trainer import build_models
+
+    cfg = C.validate(C.apply_overrides(get_preset("demo"), ["model.num_classes=4", "model.d_spectral_norm=false"]))
+    _, D_off = build_models(cfg)
+    _, D_on = build_models(C.validate(C.apply_overrides(get_preset("demo"), ["model.num_classes=4"])))
+    layers = [m for m in D_off.modules() if isinstance(m, SpectralNorm)]
+    assert layers and not any(m.sn_on for m in layers)
+    assert all(m.sn_on for m in D_on.modules() if isinstance(m, SpectralNorm))
+    assert D_off.state_dict().keys() == D_on.state_dict().keys()  # an SN checkpoint loads into either
+    with pytest.raises(C.ConfigError, match="model.d_spectral_norm: false needs model.arch biggan"):
+        C.validate(C.apply_overrides(get_preset("demo"), ["model.arch=dcgan", "model.d_spectral_norm=false"]))
