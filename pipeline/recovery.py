@@ -34,7 +34,8 @@ class Recovery:
     def state_dict(self) -> dict:
         t = self.t
         return {"rollbacks": self.rollbacks, "in_place": self.in_place, "lr_scale": self.lr_scale,
-                "r1_gamma": float(t.cfg.loss.r1_gamma), "data_seed": int(t.data_seed),
+                "r1_gamma": float(t.cfg.loss.r1_gamma), "r1_configured": float(t.base_r1_gamma),
+                "data_seed": int(t.data_seed),
                 "log": [list(x) for x in self.log]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -43,7 +44,13 @@ class Recovery:
         self.rollbacks, self.in_place = int(state["rollbacks"]), int(state.get("in_place", 0))
         self.lr_scale = float(state["lr_scale"])
         self.log = [tuple(x) for x in state.get("log", [])]
-        t.cfg.loss.r1_gamma, t.data_seed = float(state["r1_gamma"]), int(state["data_seed"])
+        t.data_seed = int(state["data_seed"])
+        configured = state.get("r1_configured", t.base_r1_gamma)
+        if configured == t.base_r1_gamma:
+            t.cfg.loss.r1_gamma = float(state["r1_gamma"])  # the mitigation's R1 (double_r1) stays in force
+        elif t.rank == 0:  # resumed with another loss.r1_gamma: the user's new value wins over the checkpoint's
+            log.warning("loss.r1_gamma is %g now, %g when the checkpoint was saved (%g in force): using %g",
+                        t.base_r1_gamma, configured, float(state["r1_gamma"]), t.cfg.loss.r1_gamma)
         self.apply_lr_scale()
 
     def apply_lr_scale(self) -> None:

@@ -91,6 +91,12 @@ def test_rollback_count_and_mitigation_survive_a_restart(tmp_path, digits_shards
     assert restarted.data_seed == first.data_seed != first.cfg.train.seed
     for engine in (restarted.g_engine, restarted.d_engine):
         assert all(g["lr"] == pytest.approx(2e-4 * 0.5) for g in engine.optimizer.param_groups)
+    # resumed with another R1 and learning rate: the user's new values win, the mitigation's lr scale stays
+    changed = make_trainer(tiny_config(tmp_path, shards, n, **overrides, **{"loss.r1_gamma": 3.0, "optim.d_lr": 1e-3}),
+                           tmp_path)
+    changed.load_checkpoint(first.store.latest())
+    assert changed.cfg.loss.r1_gamma == pytest.approx(3.0) and changed.rollbacks == 1
+    assert all(g["lr"] == pytest.approx(1e-3 * 0.5) for g in changed.d_engine.optimizer.param_groups)
 
 
 def test_collapse_ends_the_run_collapsed_when_the_budget_is_spent(tmp_path, digits_shards):
