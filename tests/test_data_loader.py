@@ -247,6 +247,29 @@ def test_loader_threads_stop_on_close_and_on_garbage_collection(id_shards):
     assert not thread.is_alive()
 
 
+def test_a_dropped_loaders_finalizer_takes_no_lock(id_shards):
+    """The collector runs the finalizer on whatever thread it interrupts: once inside the decode pool's own submit,
+    which holds that pool's shutdown lock and the lock every pool's submit takes, so a finalizer that shut the pool
+    down hung the whole process (CI, test_same_seed_same_stream_other_seed_other_stream). Held here on purpose."""
+    import concurrent.futures.thread as pool_module
+
+    loader = build_loader(id_shards, batch_size=8, backend="wds")
+    next(loader)
+    producer = loader._stream.producer
+    done = threading.Event()
+
+    def collect_inside_submit():  # what the interrupted thread holds when the collector calls the finalizer
+        with loader._pil.pool._shutdown_lock, pool_module._global_shutdown_lock:
+            loader._finalizer()
+        done.set()
+
+    threading.Thread(target=collect_inside_submit, daemon=True).start()
+    assert done.wait(timeout=10), "the finalizer blocked on a lock its thread holds"
+    producer.join(timeout=5)  # the producer saw the flag and stopped on its own thread
+    assert not producer.is_alive()
+    loader.close()
+
+
 def test_too_small_a_set_for_one_step_is_an_error(id_shards):
     with pytest.raises(ValueError, match="cannot fill one batch"):
         build_loader(id_shards, batch_size=100, world_size=2)

@@ -120,11 +120,11 @@ class _Producer(threading.Thread):
     """Reads, checks (and for "wds" decodes) batches in schedule order into a bounded queue."""
 
     def __init__(self, shards: ShardSet, plan_for, rank: int, epoch: int, offset: int,
-                 decoder: PilDecoder | None, out: queue.Queue, stop: threading.Event, known_bad: dict[int, str]):
+                 decoder: PilDecoder | None, box: _Stream, known_bad: dict[int, str]):
         super().__init__(name=f"shard-producer-r{rank}", daemon=True)
         self.shards, self.plan_for, self.rank = shards, plan_for, rank
         self.epoch, self.offset = epoch, offset
-        self.decoder, self.out, self.stop = decoder, out, stop
+        self.decoder, self.out, self.box = decoder, box.queue, box
         self.known_bad = known_bad  # sample id -> cause, found by a decoder after the checks here
         self.num_classes = len(shards.manifest.classes)
         self.io = ThreadPoolExecutor(1, thread_name_prefix="shard-window")
@@ -134,13 +134,13 @@ class _Producer(threading.Thread):
     def run(self) -> None:
         try:
             epoch, offset = self.epoch, self.offset
-            while not self.stop.is_set():
+            while not self.box.halted():
                 for b in range(offset, self.plan_for(epoch).batches_per_epoch):
                     if not self._put(self._batch(epoch, b)):
                         return
                 epoch, offset = epoch + 1, 0
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
-            if self.stop.is_set():
+            if self.box.halted():
                 return  # closed while reading: nothing to report
             log.exception("data loading failed")
             self._put(RuntimeError(f"data loading failed: {type(e).__name__}: {e}"))
@@ -148,7 +148,7 @@ class _Producer(threading.Thread):
             self.io.shutdown(wait=False, cancel_futures=True)
 
     def _put(self, item: object) -> bool:
-        while not self.stop.is_set():
+        while not self.box.halted():
             try:
                 self.out.put(item, timeout=0.1)
                 return True
@@ -263,8 +263,12 @@ class _Stream:
 
     def __init__(self, prefetch: int):
         self.stop = threading.Event()
+        self.abandoned = False  # set by the loader's finalizer: a plain flag, see _abandon
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self.producer: _Producer | None = None
+
+    def halted(self) -> bool:
+        return self.abandoned or self.stop.is_set()
 
     def next_raw(self) -> _RawBatch:
         item = self.queue.get()
@@ -320,7 +324,7 @@ class ShardLoader:
         if chosen == "wds":
             self._pil = PilDecoder(resolution, num_threads, pin_memory=device.type == "cuda")
         self.backend = chosen
-        self._finalizer = weakref.finalize(self, _shutdown, self._boxes, self._pil)
+        self._finalizer = weakref.finalize(self, _abandon, self._boxes)
         if quarantine:
             self.restore_faults(quarantine)
         self._normalize_position()
@@ -415,7 +419,7 @@ class ShardLoader:
     def _start(self) -> None:
         stream = _Stream(self.prefetch)
         stream.producer = _Producer(self.shards, self._schedule, self.rank, self._epoch, self._offset, self._pil,
-                                    stream.queue, stream.stop, self._known_bad)
+                                    stream, self._known_bad)
         self._boxes.append(stream)
         self._stream = stream
         if self._dali is not None:
@@ -458,8 +462,6 @@ class ShardLoader:
         self._dali_fallbacks += 1
         if self._pil is None:
             self._pil = PilDecoder(self.resolution, self.num_threads, pin_memory=self.device.type == "cuda")
-            self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, _shutdown, self._boxes, self._pil)
         images, errors = self._pil.decode(raw.jpgs, raw.aug)
         for gid, e in zip(raw.ids, errors):
             if e is not None:  # the producer skips it from now on: DALI fails on it once per process
@@ -487,9 +489,11 @@ class ShardLoader:
         """Stop the background reader and release the decoder (also done when the loader is collected)."""
         self._closed = True
         self.shards.closed = True  # a read still in flight must not mark (and log) shards bad
-        self._finalizer()
+        self._finalizer.detach()
         for stream in self._boxes:
             stream.shutdown(join=True)
+        if self._pil is not None:
+            self._pil.close()
         if self._dali is not None:
             self._dali.close()
 
@@ -513,11 +517,13 @@ def _dali_inputs(batch: _RawBatch) -> tuple:
     return jpgs, a.crop_frac, a.crop_x, a.crop_y, a.flip, batch.labels, serial
 
 
-def _shutdown(streams: list[_Stream], pil: PilDecoder | None) -> None:
+def _abandon(streams: list[_Stream]) -> None:
+    """A dropped loader's finalizer. The garbage collector runs it on whatever thread it interrupts, possibly
+    one inside a lock that stopping would take (inside the decode pool's own submit, which holds that pool's
+    shutdown lock and the lock every pool's submit takes: the whole process hung), so it takes none: the producers see the flag within 0.1 s and clean up on
+    their own threads; the decode pool's idle workers exit when the collector frees it."""
     for stream in list(streams):
-        stream.shutdown()
-    if pil is not None:
-        pil.close()
+        stream.abandoned = True
 
 
 def build_loader(
