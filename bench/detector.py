@@ -79,6 +79,7 @@ RECIPES: dict[str, tuple[dict, str]] = {
 }
 SUSTAIN_STEPS = 25
 DEAD_D_SPREAD = 1e-3
+INVERTED_D_AUC = 0.2  # D ranks most generated images above most real ones: it pushes G the wrong way
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Run:
     signals: list[dict] = field(default_factory=list)  # every health check's signals (step, alarm and the values)
     onset: int | None = None
     resumed_at: int = 0  # a late recipe: the warm run's step it continued from with its own settings
+    verdict_onset_by: str = ""  # which offline criterion dated the onset
     verdict: dict = field(default_factory=dict)
 
 
@@ -111,9 +113,8 @@ def build_config(shards: str, out: Path, overrides: dict, steps: int, seed: int)
     return C.validate(cfg)
 
 
-def train(cfg: C.RunConfig, run: Run, out: Path, snap_every: int, resume_from: Path | None = None) -> None:
-    """Trainer.fit() with timed health checks and EMA-G/D snapshots; resume_from: a run folder whose newest
-    checkpoint this run continues from, with its own settings (run.snapshots holds that run's scored history)."""
+def bench_trainer(cfg: C.RunConfig, out: Path):
+    """The real Trainer on one gloo rank in this process, reading the shards with the wds backend, no tracking."""
     from pipeline.checkpoint import CheckpointStore
     from pipeline.data import build_loader
     from pipeline.engines import init_single_process_group
@@ -121,18 +122,24 @@ def train(cfg: C.RunConfig, run: Run, out: Path, snap_every: int, resume_from: P
     from pipeline.trainer import Trainer
 
     init_single_process_group()
-    snaps = out / "snapshots"
-    if resume_from is not None:
-        shutil.copytree(resume_from / "checkpoints", out / "checkpoints", dirs_exist_ok=True)
-    snaps.mkdir(parents=True, exist_ok=True)
 
     def make_loader(epoch: int, offset: int, seed: int):
         return build_loader(cfg.data.shards, batch_size=cfg.data.batch_size, backend="wds", seed=seed,
                             resolution=cfg.model.resolution, flip=cfg.data.flip, num_threads=1,
                             start_epoch=epoch, start_offset=offset)
 
-    trainer = Trainer(cfg, make_loader=make_loader, store=CheckpointStore(str(out / "checkpoints")),
-                      tracker=Tracker("", "", "", enabled=False), device=torch.device("cpu"))
+    return Trainer(cfg, make_loader=make_loader, store=CheckpointStore(str(out / "checkpoints")),
+                   tracker=Tracker("", "", "", enabled=False), device=torch.device("cpu"))
+
+
+def train(cfg: C.RunConfig, run: Run, out: Path, snap_every: int, resume_from: Path | None = None) -> None:
+    """Trainer.fit() with timed health checks and EMA-G/D snapshots; resume_from: a run folder whose newest
+    checkpoint this run continues from, with its own settings (run.snapshots holds that run's scored history)."""
+    snaps = out / "snapshots"
+    if resume_from is not None:
+        shutil.copytree(resume_from / "checkpoints", out / "checkpoints", dirs_exist_ok=True)
+    snaps.mkdir(parents=True, exist_ok=True)
+    trainer = bench_trainer(cfg, out)
     if resume_from is not None:
         trainer.load_checkpoint(trainer.store.latest())
         run.resumed_at = trainer.step
@@ -179,8 +186,11 @@ def score_snapshots(trainer, run: Run, snaps: Path, eval_samples: int = 500) -> 
     y = torch.arange(eval_samples) % nc
     z = torch.randn(eval_samples, G.dim_z, generator=gen)
     real, real_y = real_batch(trainer.cfg, eval_samples)
+    scored = {(x["step"], x["segment"]) for x in run.snapshots}
     for path in sorted(snaps.glob("*.pt")):
         step, segment = (int(x) for x in path.stem.split("-"))
+        if (step, segment) in scored:
+            continue
         state = torch.load(path, weights_only=True)
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])
@@ -193,8 +203,12 @@ def score_snapshots(trainer, run: Run, snaps: Path, eval_samples: int = 500) -> 
         f = feats.double().numpy()
         ok = bool(np.isfinite(f).all()) and bool(torch.isfinite(d_out).all())
         fid = frechet_distance(f.mean(0), np.cov(f, rowvar=False), sig.mu, sig.sigma) if ok else math.inf
+        # D's AUC: the share of (real, generated) pairs it scores in the right order; 0.5 is a D that tells nothing
+        on_real, on_fake = d_out[:eval_samples], d_out[eval_samples:]
+        auc = float((on_real[:, None] > on_fake[None, :]).float().mean()) if ok else math.nan
         run.snapshots.append({"step": step, "segment": segment, "fidelity": float((logits.argmax(1) == y).float().mean()),
-                              "fid": fid, "finite": ok, "d_spread": float(d_out.std()) if ok else math.nan})
+                              "fid": fid, "finite": ok, "d_spread": float(d_out.std()) if ok else math.nan,
+                              "d_auc": auc})
 
 
 def real_batch(cfg: C.RunConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,10 +227,23 @@ def real_batch(cfg: C.RunConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
+def _failure(s: dict, best_fid: float, peak: float, chance: float) -> str:
+    """Why a snapshot counts as failed ("" when it does not). Older records have no D measures."""
+    if not s["finite"]:
+        return "weights not finite"
+    if peak >= 3 * chance and s["fidelity"] < 1.5 * chance:
+        return "fidelity lost"
+    if s["fid"] > 2 * best_fid:
+        return "FID doubled"
+    if s.get("d_spread", 1.0) < DEAD_D_SPREAD:
+        return "D dead"
+    if s.get("d_auc", 0.5) < INVERTED_D_AUC:
+        return "D inverted"
+    return ""
+
+
 def _failed(s: dict, best_fid: float, peak: float, chance: float) -> bool:
-    dead_d = s.get("d_spread", 1.0) < DEAD_D_SPREAD  # older records have no D snapshot
-    return (not s["finite"]) or (peak >= 3 * chance and s["fidelity"] < 1.5 * chance) or s["fid"] > 2 * best_fid \
-        or dead_d
+    return bool(_failure(s, best_fid, peak, chance))
 
 
 def judge(run: Run, nc: int, every: int, sustain: int = SUSTAIN_STEPS) -> None:
@@ -228,7 +255,7 @@ def judge(run: Run, nc: int, every: int, sustain: int = SUSTAIN_STEPS) -> None:
     (a tiny GAN's FID swings; one bad snapshot is not a collapse), or up to the first rollback if that came sooner."""
     chance = 1.0 / nc
     first = sorted((s for s in run.snapshots if s["segment"] == 0), key=lambda s: s["step"])
-    best_fid, peak, run.onset = math.inf, 0.0, None
+    best_fid, peak, run.onset, run.verdict_onset_by = math.inf, 0.0, None, ""
     for i, s in enumerate(first):
         if s["step"] > max(25, run.resumed_at) and _failed(s, best_fid, peak, chance):
             later = [x for x in first[i:] if x["step"] <= s["step"] + sustain]
@@ -236,6 +263,7 @@ def judge(run: Run, nc: int, every: int, sustain: int = SUSTAIN_STEPS) -> None:
             lasted = first[-1]["step"] >= s["step"] + sustain or bool(run.rollbacks)
             if all(_failed(x, best_fid, peak, chance) for x in later) and lasted:
                 run.onset = s["step"]
+                run.verdict_onset_by = _failure(s, best_fid, peak, chance)
                 break
         best_fid, peak = min(best_fid, s["fid"]), max(peak, s["fidelity"])
     v = run.verdict = {}
@@ -293,11 +321,34 @@ def table(runs: list[Run]) -> str:
         restored = ", ".join(f"{f}->{t}" for f, t in r.rollbacks) or "-"
         rule = a["reason"].split(" is ")[0].split(" rose")[0][:40] if a else "-"
         rows.append(
-            f"| {r.recipe} | {r.seed} | {f'{r.resumed_at}->' if r.resumed_at else ''}{r.steps} | {r.status} | {r.onset if r.onset is not None else 'none'} | "
+            f"| {r.recipe} | {r.seed} | {f'{r.resumed_at}->' if r.resumed_at else ''}{r.steps} | {r.status} | "
+            f"{f'{r.onset} ({r.verdict_onset_by})' if r.onset is not None else 'none'} | "
             f"{a['step'] if a else '-'} | {rule} | {v['false_alarm']} | {v.get('delay_checks', '-')} | {restored} | "
             f"{v.get('restored_before_onset', '-')} | {v.get('recovered', '-')} | "
             f"{final.get('fid', math.nan):.1f} / {final.get('fidelity', math.nan):.2f} | {100 * v['cost']:.1f}% |")
     return "\n".join(rows)
+
+
+def rescore(out: Path, shards: str) -> list[Run]:
+    """Score the snapshots of every run under out again (the warm run first: late runs start from its records)."""
+    folders = sorted((f for f in out.iterdir() if (f / "run.json").is_file()), key=lambda f: not f.name.startswith("warm-"))
+    runs: list[Run] = []
+    warm: Run | None = None
+    for folder in folders:
+        run = Run(**json.loads((folder / "run.json").read_text()))
+        run.rollbacks = [tuple(x) for x in run.rollbacks]
+        overrides = RECIPES[run.recipe][0] if run.recipe in RECIPES else {}
+        trainer = bench_trainer(build_config(shards, folder, overrides, run.steps, run.seed), folder)
+        trainer.class_signals.setup()
+        run.snapshots = copy.deepcopy(warm.snapshots) if run.resumed_at and warm else []
+        print(f"[detector] scoring {folder} again", flush=True)
+        score_snapshots(trainer, run, folder / "snapshots")
+        trainer.loader.close()
+        judge(run, trainer.cfg.model.num_classes, trainer.cfg.health.every)
+        (folder / "run.json").write_text(json.dumps(run.__dict__, indent=1, default=str))
+        warm = run if run.recipe == "warm" else warm
+        runs.append(run)
+    return runs
 
 
 def measure_cost(shards: str, out: Path, rounds: int, extra: dict) -> dict:
@@ -305,11 +356,6 @@ def measure_cost(shards: str, out: Path, rounds: int, extra: dict) -> dict:
     64, every 5 G steps), on one rank (so the check does the whole health batch: two ranks split it), in `auto` precision.
     Training and checks alternate in one process, so machine load hits both alike."""
     from data_prep.shard_format import read_manifest
-    from pipeline.checkpoint import CheckpointStore
-    from pipeline.data import build_loader
-    from pipeline.engines import init_single_process_group
-    from pipeline.tracking import Tracker
-    from pipeline.trainer import Trainer
 
     cfg = get_preset("demo")
     cfg.data.shards, cfg.model.num_classes, cfg.train.output_dir = shards, read_manifest(shards).num_classes, str(out)
@@ -317,14 +363,7 @@ def measure_cost(shards: str, out: Path, rounds: int, extra: dict) -> dict:
     C.apply_overrides(cfg, [f"{k}={BASE[k]}" for k in keep] + ["cluster.num_workers=1", "health.enabled=true"]
                       + [f"{k}={v}" for k, v in extra.items()])
     C.validate(cfg)
-    init_single_process_group()
-
-    def make_loader(epoch: int, offset: int, seed: int):
-        return build_loader(shards, batch_size=cfg.data.batch_size, backend="wds", seed=seed, resolution=32,
-                            num_threads=1, start_epoch=epoch, start_offset=offset)
-
-    t = Trainer(cfg, make_loader=make_loader, store=CheckpointStore(str(out / "checkpoints")),
-                tracker=Tracker("", "", "", enabled=False), device=torch.device("cpu"))
+    t = bench_trainer(cfg, out)
     t.class_signals.setup()
     for _ in range(2):
         t.train_iteration()
@@ -361,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay", nargs="+", default=None, metavar="JSON",
                    help="feed the health signals recorded in these --json files to today's rules (with --set health.*) "
                         "up to each run's first recorded alarm, and print what they say (no training)")
+    p.add_argument("--rescore", action="store_true",
+                   help="with --out: score every run's saved snapshots again with today's offline measure and rewrite "
+                        "its run.json (no training), then print the table")
     p.add_argument("--cost", type=int, default=0, metavar="ROUNDS",
                    help="only measure the health check's cost at the demo preset's scale over ROUNDS x health.every steps")
     args = p.parse_args(argv)
@@ -387,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(1)
     shards = prepare_shards(args.data, dataset_name())
+    if args.rescore:
+        if not args.out:
+            p.error("--rescore needs --out, the folder of the runs to score again")
+        print(table(rescore(Path(args.out), shards)))
+        return 0
     out = Path(args.out or tempfile.mkdtemp(prefix="detector-"))
     wanted = [x for x in args.only.split(",") if x] or [*RECIPES, "healthy"]
     unknown = [x for x in wanted if x not in RECIPES and x != "healthy"]
