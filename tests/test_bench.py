@@ -165,6 +165,6 @@ def test_detector_dates_a_lasting_failure_and_judges_the_rollback():
     assert run.verdict_onset_by == "D dead"
     # a D that ranks generated images above real ones pushes G the wrong way: failed before G's samples show it
     for s in run.snapshots:
-        s["d_spread"], s["d_auc"] = 0.8, (0.85 if s["step"] < 40 else 0.05)
+        s["d_spread"], s["d_auc"] = 0.8, (0.85 if s["step"] < 35 else 0.05)
     judge(run, nc=10, every=5)
-    assert (run.onset, run.verdict_onset_by) == (40, "D inverted")
+    assert (run.onset, run.verdict_onset_by) == (35, "D inverted")
