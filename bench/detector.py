@@ -329,14 +329,20 @@ def table(runs: list[Run]) -> str:
     return "\n".join(rows)
 
 
-def rescore(out: Path, shards: str) -> list[Run]:
-    """Score the snapshots of every run under out again (the warm run first: late runs start from its records)."""
+def rescore(out: Path, shards: str, only: list[str]) -> list[Run]:
+    """Score the snapshots of every run under out again, or of the recipes in only (the others are judged on their
+    records); the warm run first: late runs start from its records."""
     folders = sorted((f for f in out.iterdir() if (f / "run.json").is_file()), key=lambda f: not f.name.startswith("warm-"))
     runs: list[Run] = []
     warm: Run | None = None
     for folder in folders:
         run = Run(**json.loads((folder / "run.json").read_text()))
         run.rollbacks = [tuple(x) for x in run.rollbacks]
+        if only and run.recipe not in only:
+            judge(run, 10, 5)
+            warm = run if run.recipe == "warm" else warm
+            runs.append(run)
+            continue
         overrides = RECIPES[run.recipe][0] if run.recipe in RECIPES else {}
         trainer = bench_trainer(build_config(shards, folder, overrides, run.steps, run.seed), folder)
         trainer.class_signals.setup()
@@ -432,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rescore:
         if not args.out:
             p.error("--rescore needs --out, the folder of the runs to score again")
-        print(table(rescore(Path(args.out), shards)))
+        print(table(rescore(Path(args.out), shards, [x for x in args.only.split(",") if x])))
         return 0
     out = Path(args.out or tempfile.mkdtemp(prefix="detector-"))
     wanted = [x for x in args.only.split(",") if x] or [*RECIPES, "healthy"]
