@@ -66,6 +66,9 @@ class HealthMonitor:
         self.low_d_loss = 0
         self.frozen: list[int] = []  # steps of the consecutive checks at which D's losses had not moved
         self.prev_d: tuple[float, float] | None = None  # (d_loss_real, d_loss_fake) of the previous check
+        self.zero_grad: list[int] = []  # steps of the consecutive checks at which G got no gradient at all
+        self.zero_grad_prev_step: int | None = None  # the step of the previous check that measured it
+        self.zero_grad_onset = 0  # the check before the first of them
         self.pending: dict[int, int] = {}  # checkpoint step -> alarm-free checks since it was saved
         self._healthy: list[int] = []
         self.last_ok_step = 0
@@ -109,10 +112,35 @@ class HealthMonitor:
                 d.alarm = True
                 d.reason = f"D loss {d_total:.4g} below {c.d_loss_floor} for {self.low_d_loss} checks"
                 d.evidence["d_loss"] = {"value": d_total, "floor": c.d_loss_floor, "checks": self.low_d_loss}
+        dead_since = self._no_g_gradient(d, signals, warming_up)
         frozen_since = self._frozen_d(d, signals, warming_up)
+        since = dead_since if dead_since is not None else frozen_since
         if d.alarm:
-            d.onset_step = self.last_ok_step if frozen_since is None else frozen_since
+            d.onset_step = self.last_ok_step if since is None else since
         return self._finish(d, signals)
+
+    def _no_g_gradient(self, d: Decision, signals: dict[str, float], warming_up: bool) -> int | None:
+        """G's gradient norm exactly 0 at health.g_grad_zero_checks measurements in a row: D's output no
+        longer depends on its input (dead units) and G learns nothing. Faster than the frozen-loss rule, which
+        needs the losses' window means to settle first; silent when a regularizer (ortho) still moves G.
+        Returns the onset (the measurement before the first zero) when it fires."""
+        c = self.cfg
+        norm = signals.get("grad_norm/G", math.nan)
+        if not math.isfinite(norm):  # measured on logged steps only: a check between them has none
+            return None
+        prev_step, self.zero_grad_prev_step = self.zero_grad_prev_step, d.step
+        if c.g_grad_zero_checks == 0 or norm != 0.0:
+            self.zero_grad = []
+            return None
+        self.zero_grad = [*self.zero_grad, d.step]
+        if len(self.zero_grad) == 1:
+            self.zero_grad_onset = prev_step if prev_step is not None else max(0, d.step - c.every)
+        if d.alarm or warming_up or len(self.zero_grad) < c.g_grad_zero_checks:
+            return None
+        self._fire(d, "g_no_gradient", f"G's gradient norm has been exactly 0 for {len(self.zero_grad)} checks (since "
+                   f"step {self.zero_grad[0]}): D gives every input the same output; nothing learns",
+                   checks=len(self.zero_grad), since=self.zero_grad_onset)
+        return self.zero_grad_onset
 
     def _frozen_d(self, d: Decision, signals: dict[str, float], warming_up: bool) -> int | None:
         """D's real and fake losses the same as at the previous check for health.d_frozen_checks checks: D gives
@@ -259,7 +287,7 @@ class HealthMonitor:
     def reset_after_rollback(self) -> None:
         self.pending.clear()
         self.low_d_loss = 0
-        self.frozen, self.prev_d = [], None
+        self.frozen, self.prev_d, self.zero_grad = [], None, []
         self.trend.clear()  # the climb that raised the alarm must not raise it again at the next check
 
     def state_dict(self) -> dict:
@@ -270,6 +298,8 @@ class HealthMonitor:
             "low_d_loss": self.low_d_loss,
             "frozen": list(self.frozen),
             "prev_d": list(self.prev_d) if self.prev_d is not None else None,
+            "zero_grad": list(self.zero_grad),
+            "zero_grad_onset": self.zero_grad_onset,
             "pending": dict(self.pending),
             "last_ok_step": self.last_ok_step,
         }
@@ -281,6 +311,8 @@ class HealthMonitor:
         self.low_d_loss = state["low_d_loss"]
         self.frozen = [int(x) for x in state.get("frozen", [])]
         self.prev_d = tuple(state["prev_d"]) if state.get("prev_d") is not None else None
+        self.zero_grad = [int(x) for x in state.get("zero_grad", [])]
+        self.zero_grad_onset = int(state.get("zero_grad_onset", 0))
         self.pending = {int(k): v for k, v in state["pending"].items()}
         self.last_ok_step = state["last_ok_step"]
 

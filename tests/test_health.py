@@ -277,3 +277,32 @@ def test_a_d_whose_losses_stop_moving_is_dead_and_the_onset_is_before_it_froze()
     restored = HealthMonitor(HealthConfig(min_history=100, d_frozen_checks=4))
     restored.load_state_dict(mon.state_dict())
     assert restored.prev_d == mon.prev_d and restored.frozen == mon.frozen
+
+
+def test_g_without_any_gradient_is_a_dead_d_two_checks_in():
+    """bench/detector.py's no_ortho_high_lr (session 5): grad_norm/G exactly 0 from step 35 on, D's losses
+    bit-identical only from 40; the frozen-loss rule fired at 55, four checks after the offline onset (35)."""
+    mon = HealthMonitor(HealthConfig(every=5, min_history=100))
+    recorded = [(5, 16.4), (10, 6.91), (15, 4.86), (20, 0.399), (25, 0.0572), (30, 1.01), (35, 0.0), (40, 0.0)]
+    decisions = [mon.observe(step, {"grad_norm/G": norm}) for step, norm in recorded]
+    assert not any(d.alarm for d in decisions[:-1])
+    d = decisions[-1]
+    assert d.alarm and "G's gradient norm has been exactly 0 for 2 checks" in d.reason and d.onset_step == 30
+    # checks between logged steps carry no gradient norm: they neither count nor break the run of zeros
+    mon = HealthMonitor(HealthConfig(every=5, min_history=100))
+    assert not mon.observe(25, {"grad_norm/G": 0.5}).alarm and not mon.observe(50, {"grad_norm/G": 0.0}).alarm
+    assert not mon.observe(55, {}).alarm
+    d = mon.observe(75, {"grad_norm/G": 0.0})
+    assert d.alarm and d.onset_step == 25
+    # a tiny but real gradient is not zero; off with g_grad_zero_checks=0; the count survives a restart
+    mon = HealthMonitor(HealthConfig(every=5, min_history=100))
+    assert not any(mon.observe(5 * i, {"grad_norm/G": 1e-12}).alarm for i in range(10))
+    off = HealthMonitor(HealthConfig(every=5, min_history=100, g_grad_zero_checks=0))
+    assert not any(off.observe(5 * i, {"grad_norm/G": 0.0}).alarm for i in range(10))
+    half = HealthMonitor(HealthConfig(every=5, min_history=100))
+    half.observe(5, {"grad_norm/G": 1.0})
+    half.observe(10, {"grad_norm/G": 0.0})
+    restored = HealthMonitor(HealthConfig(every=5, min_history=100))
+    restored.load_state_dict(half.state_dict())
+    d = restored.observe(15, {"grad_norm/G": 0.0})
+    assert d.alarm and d.onset_step == 5
