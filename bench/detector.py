@@ -280,13 +280,15 @@ def judge(run: Run, nc: int, every: int, sustain: int = SUSTAIN_STEPS) -> None:
     v["cost"] = run.health_s / max(run.train_s, 1e-9)
 
 
-def replay(run: Run, overrides: dict[str, str]) -> dict | None:
+def replay(run: Run, overrides: dict[str, str], before: list[dict] | None = None) -> dict | None:
     """The first alarm the current rules raise on the run's recorded signals, up to its first recorded alarm
     (after a rollback the run went elsewhere, so later signals say nothing about other rules). None if quiet."""
     from pipeline.health import HealthMonitor
 
     cfg = C.apply_overrides(get_preset("demo"), [f"{k}={v}" for k, v in overrides.items()]).health
     monitor = HealthMonitor(cfg, num_classes=10)
+    for check in before or []:  # a late recipe: the warm run's checks its monitor resumed with
+        monitor.observe(int(check["step"]), {k: float(v) for k, v in check.items() if k not in ("step", "alarm")})
     for check in run.signals:
         signals = {k: float(v) for k, v in check.items() if k not in ("step", "alarm")}
         decision = monitor.observe(int(check["step"]), signals)
@@ -304,7 +306,8 @@ def replay_table(runs: list[Run], overrides: dict[str, str]) -> str:
             rows.append(f"| {r.recipe} | {r.seed} | 0 | - | (recorded before signals were kept) |")
             continue
         was = r.alarms[0] if r.alarms else None
-        now = replay(r, overrides)
+        warm = next((w for w in runs if w.recipe == "warm" and w.seed == r.seed), None) if r.resumed_at else None
+        now = replay(r, overrides, [c for c in warm.signals if c["step"] <= r.resumed_at] if warm else None)
         shown = [f"{a['step']}: {a['reason']}" if a else "none" for a in (was, now)]
         rows.append(f"| {r.recipe} | {r.seed} | {len(r.signals)} | {shown[0]} | {shown[1]} |")
     return "\n".join(rows)
