@@ -287,7 +287,7 @@ class HealthMonitor:
     def reset_after_rollback(self) -> None:
         self.pending.clear()
         self.low_d_loss = 0
-        self.frozen, self.prev_d, self.zero_grad = [], None, []
+        self.frozen, self.prev_d, self.zero_grad, self.zero_grad_prev_step = [], None, [], None
         self.trend.clear()  # the climb that raised the alarm must not raise it again at the next check
 
     def state_dict(self) -> dict:

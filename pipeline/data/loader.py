@@ -520,8 +520,9 @@ def _dali_inputs(batch: _RawBatch) -> tuple:
 def _abandon(streams: list[_Stream]) -> None:
     """A dropped loader's finalizer. The garbage collector runs it on whatever thread it interrupts, possibly
     one inside a lock that stopping would take (inside the decode pool's own submit, which holds that pool's
-    shutdown lock and the lock every pool's submit takes: the whole process hung), so it takes none: the producers see the flag within 0.1 s and clean up on
-    their own threads; the decode pool's idle workers exit when the collector frees it."""
+    shutdown lock and the lock every pool's submit takes: the whole process hung), so it takes none: the
+    producers see the flag within 0.1 s and clean up on their own threads; the decode pool's idle workers exit
+    when the collector frees it."""
     for stream in list(streams):
         stream.abandoned = True
 
