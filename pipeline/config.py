@@ -189,6 +189,7 @@ class HealthConfig:
     warmup_steps: int = bounded(0, ge=0)  # G steps during which only non-finite values raise alarms (relative rules quiet)
     sigma_ratio: float = bounded(3.0, gt=1)  # alarm when G's first-layer sigma0 exceeds k x its trailing median
     d_sigma_ratio: float = bounded(3.0, gt=1)  # alarm when D's max sigma0 exceeds k x its trailing median
+    d_sigma_quality_ratio: float = bounded(1.25, ge=0)  # ... and the class FID is above k x its trailing median (0 = sigma0 alone)
     d_loss_floor: float = bounded(0.02, ge=0)  # alarm when D's real+fake loss stays below this ...
     d_loss_patience: int = bounded(5, ge=1)  # ... for this many consecutive checks
     d_frozen_checks: int = bounded(3, ge=0)  # alarm when D's real and fake losses stay put for this many checks (0 = off) ...

@@ -183,12 +183,31 @@ class HealthMonitor:
             if name == "class_fidelity" and med < c.fidelity_floor * self.chance:
                 continue  # a fidelity that never left chance has nothing to fall from; the floor rule judges it
             fired = value > ratio * med if direction == "above" else value < ratio * med
+            corroboration = ""
+            if fired and name == "sigma0_d_max":
+                fired, corroboration = self._quality_agrees(d, signals, c.d_sigma_quality_ratio)
             if fired:
                 d.alarm = True
-                d.reason = f"{name} = {value:.4g} is {direction} {ratio} x its trailing median {med:.4g}"
+                d.reason = f"{name} = {value:.4g} is {direction} {ratio} x its trailing median {med:.4g}{corroboration}"
                 d.evidence[name] = {"value": value, "trailing_median": med, "ratio": ratio, "history": len(past)}
                 return True
         return False
+
+    def _quality_agrees(self, d: Decision, signals: dict[str, float], ratio: float) -> tuple[bool, str]:
+        """Whether EMA G's class FID corroborates a D-side alarm (above ratio x its trailing median), and the words
+        for the reason. A D whose spectra jump while G's samples are as good as before has not (yet) failed the
+        run (bench/detector.py's lr_d_high); without class signals, or with ratio 0, D's signal stands alone."""
+        fid, past = signals.get("class_fid", math.nan), self._trailing("class_fid")
+        if ratio == 0 or not math.isfinite(fid) or len(past) < self.cfg.min_history:
+            return True, ""
+        med = _median(past)
+        if fid > ratio * med:
+            return True, f", and class FID {fid:.4g} is {fid / med:.2g}x its trailing median {med:.4g}"
+        d.evidence["held"] = {"sigma0_d_max": signals["sigma0_d_max"], "class_fid": fid, "class_fid_median": med,
+                              "needs": ratio}
+        d.reason = (f"no alarm: sigma0_d_max jumped to {signals['sigma0_d_max']:.4g}, but class FID {fid:.4g} is not above "
+                    f"{ratio} x its trailing median {med:.4g}")
+        return False, ""
 
     def _floor_rules(self, d: Decision, signals: dict[str, float]) -> bool:
         """Absolute limits, whatever the history: armed once the run has been clearly on the good side of them."""

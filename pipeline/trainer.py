@@ -386,12 +386,12 @@ class Trainer:
         alarm = torch.tensor([1.0 if decision.alarm else 0.0], device=self.device)
         if self.world_size > 1:
             dist.all_reduce(alarm, op=dist.ReduceOp.MAX)  # every rank takes the same decision
-        decision.alarm = bool(alarm.item())
-        if decision.alarm and not decision.reason:
+        raised_here, decision.alarm = decision.alarm, bool(alarm.item())
+        if decision.alarm and not raised_here:
             decision.reason = "another rank raised the alarm"
         shown = {f"health/{k}": v for k, v in decision.evidence["signals"].items() if k.startswith(("class_", "variety"))}
         self.tracker.log_metrics({"health/alarm": float(decision.alarm), **shown}, step=self.step)
-        if decision.alarm:
+        if decision.alarm or "held" in decision.evidence:  # held: D's sigma0 jumped, G's class FID did not follow
             self.tracker.log_text(decision.explain(), f"health/decision_{self.step:08d}.txt")
         return decision
 

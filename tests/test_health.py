@@ -45,6 +45,26 @@ def test_d_sigma_jump_and_lost_variety_raise_alarms(signal, value, word):
     assert d.alarm and word in d.reason
 
 
+def _d_jump(mon: HealthMonitor, class_fid: float):
+    _steady(mon, range(10), class_fid=20.0)
+    for s in range(10, 12):  # the class FID's history: 20, 21, 19 around a median of 20
+        assert not mon.observe(s, {"sigma0_g_first": 1.0, "sigma0_d_max": 2.0, "variety": 0.5, "d_loss_real": 0.6 + s / 100,
+                                   "d_loss_fake": 0.6, "class_fid": 20.0 + (0, 1, -1)[s % 3]}).alarm
+    return mon.observe(12, {"sigma0_g_first": 1.0, "sigma0_d_max": 12.0, "variety": 0.5, "d_loss_real": 0.7,
+                            "d_loss_fake": 0.6, "class_fid": class_fid})
+
+
+def test_a_d_sigma_jump_needs_gs_class_fid_to_follow():
+    # bench/detector.py's lr_d_high: D's sigma0 jumped 6x while EMA G's samples were as good as before
+    held = _d_jump(HealthMonitor(HealthConfig(min_history=5)), class_fid=21.0)
+    assert not held.alarm and held.evidence["held"]["sigma0_d_max"] == 12.0 and "no alarm" in held.reason
+    fired = _d_jump(HealthMonitor(HealthConfig(min_history=5)), class_fid=30.0)
+    assert fired.alarm and "sigma0_d_max" in fired.reason and "1.5x its trailing median 20" in fired.reason
+    # ratio 0: D's jump alone is enough, as without class signals (test above)
+    alone = _d_jump(HealthMonitor(HealthConfig(min_history=5, d_sigma_quality_ratio=0.0)), class_fid=21.0)
+    assert alone.alarm and "sigma0_d_max" in alone.reason
+
+
 def test_non_finite_losses_raise_at_once():
     mon = HealthMonitor(HealthConfig())
     d = mon.observe(1, {"d_loss_real": math.nan, "g_loss": 1.0})
