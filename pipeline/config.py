@@ -189,12 +189,13 @@ class HealthConfig:
     warmup_steps: int = bounded(0, ge=0)  # G steps during which only non-finite values raise alarms (relative rules quiet)
     sigma_ratio: float = bounded(3.0, gt=1)  # alarm when G's first-layer sigma0 exceeds k x its trailing median
     d_sigma_ratio: float = bounded(3.0, gt=1)  # alarm when D's max sigma0 exceeds k x its trailing median
-    d_sigma_quality_ratio: float = bounded(1.25, ge=0)  # ... and the class FID is above k x its trailing median (0 = sigma0 alone)
+    d_sigma_quality_ratio: float = bounded(1.25, ge=0)  # ... and the class FID is above k x its best in the trailing window (0 = sigma0 alone)
     d_loss_floor: float = bounded(0.02, ge=0)  # alarm when D's real+fake loss stays below this ...
     d_loss_patience: int = bounded(5, ge=1)  # ... for this many consecutive checks
     d_frozen_checks: int = bounded(3, ge=0)  # alarm when D's real and fake losses stay put for this many checks (0 = off) ...
     d_frozen_tol: float = bounded(1e-3, ge=0)  # ... each within this (relative, at least absolute) of the previous check's
-    g_grad_zero_checks: int = bounded(2, ge=0)  # alarm when G's gradient norm is exactly 0 at this many checks in a row (0 = off)
+    g_grad_zero_checks: int = bounded(2, ge=0)  # alarm when G's gradient norm has vanished at this many checks in a row (0 = off): ...
+    g_grad_vanish_ratio: float = bounded(0.01, ge=0, lt=1)  # ... exactly 0, or below k x its trailing median (0 = exact zeros only)
     variety_ratio: float = bounded(0.25, gt=0, lt=1)  # alarm when EMA-G sample variety falls below k x its trailing median
     fid_ratio: float = bounded(1.5, gt=1)  # alarm when FID exceeds k x its trailing median (when evaluation runs)
     sigma_trend_checks: int = bounded(40, ge=3)  # last checks the sigma0 trend rule looks at (quiet until that many)

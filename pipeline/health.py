@@ -36,7 +36,8 @@ class Decision:
 
 
 # signals whose trailing window the ratio rules compare with (alarm-free checks only)
-TRAILING = ("sigma0_g_first", "sigma0_d_max", "variety", "fid", "class_fidelity", "class_diversity", "class_fid")
+TRAILING = ("sigma0_g_first", "sigma0_d_max", "variety", "fid", "class_fidelity", "class_diversity", "class_fid",
+            "grad_norm/G")
 
 
 def _median(values) -> float:
@@ -120,16 +121,20 @@ class HealthMonitor:
         return self._finish(d, signals)
 
     def _no_g_gradient(self, d: Decision, signals: dict[str, float], warming_up: bool) -> int | None:
-        """G's gradient norm exactly 0 at health.g_grad_zero_checks measurements in a row: D's output no
-        longer depends on its input (dead units) and G learns nothing. Faster than the frozen-loss rule, which
-        needs the losses' window means to settle first; silent when a regularizer (ortho) still moves G.
-        Returns the onset (the measurement before the first zero) when it fires."""
+        """G's gradient norm vanished at health.g_grad_zero_checks measurements in a row: exactly 0, or below
+        health.g_grad_vanish_ratio x its trailing median (ortho reg alone still gives G a tiny one). D's output no
+        longer depends on its input (dead units) and G learns nothing from it. Faster than the frozen-loss rule,
+        which needs the losses' window means to settle first. Returns the onset (the measurement before the
+        first vanished one) when it fires."""
         c = self.cfg
         norm = signals.get("grad_norm/G", math.nan)
         if not math.isfinite(norm):  # measured on logged steps only: a check between them has none
             return None
         prev_step, self.zero_grad_prev_step = self.zero_grad_prev_step, d.step
-        if c.g_grad_zero_checks == 0 or norm != 0.0:
+        past = self._trailing("grad_norm/G")
+        med = _median(past) if len(past) >= c.min_history else math.nan
+        vanished = norm == 0.0 or (c.g_grad_vanish_ratio > 0 and math.isfinite(med) and norm < c.g_grad_vanish_ratio * med)
+        if c.g_grad_zero_checks == 0 or not vanished:
             self.zero_grad = []
             return None
         self.zero_grad = [*self.zero_grad, d.step]
@@ -137,9 +142,10 @@ class HealthMonitor:
             self.zero_grad_onset = prev_step if prev_step is not None else max(0, d.step - c.every)
         if d.alarm or warming_up or len(self.zero_grad) < c.g_grad_zero_checks:
             return None
-        self._fire(d, "g_no_gradient", f"G's gradient norm has been exactly 0 for {len(self.zero_grad)} checks (since "
+        size = "exactly 0" if norm == 0.0 else f"below {c.g_grad_vanish_ratio:g} x its trailing median {med:.4g} ({norm:.3g})"
+        self._fire(d, "g_no_gradient", f"G's gradient norm has been {size} for {len(self.zero_grad)} checks (since "
                    f"step {self.zero_grad[0]}): D gives every input the same output; nothing learns",
-                   checks=len(self.zero_grad), since=self.zero_grad_onset)
+                   checks=len(self.zero_grad), since=self.zero_grad_onset, value=norm, trailing_median=med)
         return self.zero_grad_onset
 
     def _frozen_d(self, d: Decision, signals: dict[str, float], warming_up: bool) -> int | None:
@@ -194,19 +200,20 @@ class HealthMonitor:
         return False
 
     def _quality_agrees(self, d: Decision, signals: dict[str, float], ratio: float) -> tuple[bool, str]:
-        """Whether EMA G's class FID corroborates a D-side alarm (above ratio x its trailing median), and the words
-        for the reason. A D whose spectra jump while G's samples are as good as before has not (yet) failed the
-        run (bench/detector.py's lr_d_high); without class signals, or with ratio 0, D's signal stands alone."""
+        """Whether EMA G's class FID corroborates a D-side alarm (above ratio x its best in the trailing window),
+        and the words for the reason. A D whose spectra jump while G's samples are as good as before has not (yet)
+        failed the run (bench/detector.py's lr_d_high); without class signals, or with ratio 0, D's signal stands
+        alone. The window's best, not its median: a run still improving has a median far above today's FID."""
         fid, past = signals.get("class_fid", math.nan), self._trailing("class_fid")
         if ratio == 0 or not math.isfinite(fid) or len(past) < self.cfg.min_history:
             return True, ""
-        med = _median(past)
-        if fid > ratio * med:
-            return True, f", and class FID {fid:.4g} is {fid / med:.2g}x its trailing median {med:.4g}"
-        d.evidence["held"] = {"sigma0_d_max": signals["sigma0_d_max"], "class_fid": fid, "class_fid_median": med,
+        best = min(past)
+        if fid > ratio * best:
+            return True, f", and class FID {fid:.4g} is {fid / best:.2g}x the window's best {best:.4g}"
+        d.evidence["held"] = {"sigma0_d_max": signals["sigma0_d_max"], "class_fid": fid, "class_fid_best": best,
                               "needs": ratio}
         d.reason = (f"no alarm: sigma0_d_max jumped to {signals['sigma0_d_max']:.4g}, but class FID {fid:.4g} is not above "
-                    f"{ratio} x its trailing median {med:.4g}")
+                    f"{ratio} x the window's best {best:.4g}")
         return False, ""
 
     def _floor_rules(self, d: Decision, signals: dict[str, float]) -> bool:

@@ -59,7 +59,7 @@ def test_a_d_sigma_jump_needs_gs_class_fid_to_follow():
     held = _d_jump(HealthMonitor(HealthConfig(min_history=5)), class_fid=21.0)
     assert not held.alarm and held.evidence["held"]["sigma0_d_max"] == 12.0 and "no alarm" in held.reason
     fired = _d_jump(HealthMonitor(HealthConfig(min_history=5)), class_fid=30.0)
-    assert fired.alarm and "sigma0_d_max" in fired.reason and "1.5x its trailing median 20" in fired.reason
+    assert fired.alarm and "sigma0_d_max" in fired.reason and "1.6x the window's best 19" in fired.reason
     # ratio 0: D's jump alone is enough, as without class signals (test above)
     alone = _d_jump(HealthMonitor(HealthConfig(min_history=5, d_sigma_quality_ratio=0.0)), class_fid=21.0)
     assert alone.alarm and "sigma0_d_max" in alone.reason
@@ -326,3 +326,18 @@ def test_g_without_any_gradient_is_a_dead_d_two_checks_in():
     restored.load_state_dict(half.state_dict())
     d = restored.observe(15, {"grad_norm/G": 0.0})
     assert d.alarm and d.onset_step == 5
+
+
+def test_g_gradient_that_vanishes_against_its_history_is_a_dead_d_too():
+    """bench/detector.py's lr_d_high (session 6): D died at step 510 (its outputs' spread 0 on 1,000 images), but
+    ortho reg kept G's gradient norm at 0.008 instead of 0; the frozen-loss rule fired only at 530."""
+    recorded = [12.2, 41.2, 58.4, 28.1, 37.7, 23.9, 33.1, 23.5, 6.6, 12.6, 4.4, 5.6]  # healthy, steps 5-60
+    mon = HealthMonitor(HealthConfig(every=5, min_history=10))
+    assert not any(mon.observe(5 * (i + 1), {"grad_norm/G": n}).alarm for i, n in enumerate(recorded))
+    assert not mon.observe(65, {"grad_norm/G": 2.31}).alarm  # D's lr x25 at work: smaller, not gone
+    assert not mon.observe(70, {"grad_norm/G": 0.008}).alarm
+    d = mon.observe(75, {"grad_norm/G": 0.007})
+    assert d.alarm and "below 0.01 x its trailing median" in d.reason and d.onset_step == 65
+    # ratio 0: only exact zeros count
+    exact = HealthMonitor(HealthConfig(every=5, min_history=10, g_grad_vanish_ratio=0.0))
+    assert not any(exact.observe(5 * (i + 1), {"grad_norm/G": n}).alarm for i, n in enumerate([*recorded, 0.008, 0.007]))
