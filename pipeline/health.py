@@ -28,6 +28,11 @@ class Decision:
     onset_step: int = 0
     evidence: dict = field(default_factory=dict)
 
+    @property
+    def held(self) -> bool:
+        """A D-side jump that G's quality did not follow: no alarm, but worth a record in the run."""
+        return "held" in self.evidence
+
     def explain(self) -> str:
         verdict = "COLLAPSE" if self.alarm else "ok"
         return f"step {self.step}: {verdict} {self.reason}\nonset step: {self.onset_step}\nevidence: " + json.dumps(

@@ -391,7 +391,7 @@ class Trainer:
             decision.reason = "another rank raised the alarm"
         shown = {f"health/{k}": v for k, v in decision.evidence["signals"].items() if k.startswith(("class_", "variety"))}
         self.tracker.log_metrics({"health/alarm": float(decision.alarm), **shown}, step=self.step)
-        if decision.alarm or "held" in decision.evidence:  # held: D's sigma0 jumped, G's class FID did not follow
+        if decision.alarm or decision.held:
             self.tracker.log_text(decision.explain(), f"health/decision_{self.step:08d}.txt")
         return decision
 

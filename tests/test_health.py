@@ -47,7 +47,7 @@ def test_d_sigma_jump_and_lost_variety_raise_alarms(signal, value, word):
 
 def _d_jump(mon: HealthMonitor, class_fid: float):
     _steady(mon, range(10), class_fid=20.0)
-    for s in range(10, 12):  # the class FID's history: 20, 21, 19 around a median of 20
+    for s in range(10, 12):  # the class FID's history: 20, 21, 19; its best is 19
         assert not mon.observe(s, {"sigma0_g_first": 1.0, "sigma0_d_max": 2.0, "variety": 0.5, "d_loss_real": 0.6 + s / 100,
                                    "d_loss_fake": 0.6, "class_fid": 20.0 + (0, 1, -1)[s % 3]}).alarm
     return mon.observe(12, {"sigma0_g_first": 1.0, "sigma0_d_max": 12.0, "variety": 0.5, "d_loss_real": 0.7,
