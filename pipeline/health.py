@@ -49,6 +49,17 @@ def _median(values) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def _class_fid_agrees(fid: float, window, ratio: float) -> tuple[bool, float | None]:
+    """Whether EMA G's class FID corroborates a rule another signal raised: at least ratio x the best class FID of
+    the rule's window, and that best. The best, not the median: a run still improving has a median far above
+    today's FID. Without a class FID or a window, or with ratio 0, the other signal stands alone (best None)."""
+    window = [f for f in window if math.isfinite(f)]
+    if ratio == 0 or not math.isfinite(fid) or not window:
+        return True, None
+    best = min(window)
+    return fid >= ratio * best, best
+
+
 def _r_squared(x: list[float], y: list[float]) -> float:
     """Share of y's variance a least-squares line through (x, y) explains (1 = a straight line)."""
     mx, my = statistics.fmean(x), statistics.fmean(y)
@@ -196,7 +207,14 @@ class HealthMonitor:
             fired = value > ratio * med if direction == "above" else value < ratio * med
             corroboration = ""
             if fired and name == "sigma0_d_max":
-                fired, corroboration = self._quality_agrees(d, signals, c.d_sigma_quality_ratio)
+                past_fids = self._trailing("class_fid")
+                fid = signals.get("class_fid", math.nan)
+                fired, best = _class_fid_agrees(fid, past_fids if len(past_fids) >= c.min_history else [],
+                                                c.d_sigma_quality_ratio)
+                if best is not None and fired:
+                    corroboration = f", and class FID {fid:.4g} is {fid / best:.2g}x the window's best {best:.4g}"
+                elif best is not None:
+                    self._hold_d_jump(d, signals, fid, best)
             if fired:
                 d.alarm = True
                 d.reason = f"{name} = {value:.4g} is {direction} {ratio} x its trailing median {med:.4g}{corroboration}"
@@ -204,22 +222,13 @@ class HealthMonitor:
                 return True
         return False
 
-    def _quality_agrees(self, d: Decision, signals: dict[str, float], ratio: float) -> tuple[bool, str]:
-        """Whether EMA G's class FID corroborates a D-side alarm (above ratio x its best in the trailing window),
-        and the words for the reason. A D whose spectra jump while G's samples are as good as before has not (yet)
-        failed the run (bench/detector.py's lr_d_high); without class signals, or with ratio 0, D's signal stands
-        alone. The window's best, not its median: a run still improving has a median far above today's FID."""
-        fid, past = signals.get("class_fid", math.nan), self._trailing("class_fid")
-        if ratio == 0 or not math.isfinite(fid) or len(past) < self.cfg.min_history:
-            return True, ""
-        best = min(past)
-        if fid > ratio * best:
-            return True, f", and class FID {fid:.4g} is {fid / best:.2g}x the window's best {best:.4g}"
-        d.evidence["held"] = {"sigma0_d_max": signals["sigma0_d_max"], "class_fid": fid, "class_fid_best": best,
-                              "needs": ratio}
-        d.reason = (f"no alarm: sigma0_d_max jumped to {signals['sigma0_d_max']:.4g}, but class FID {fid:.4g} is not above "
+    def _hold_d_jump(self, d: Decision, signals: dict[str, float], fid: float, best: float) -> None:
+        """A D whose spectra jump while G's samples are as good as before has not (yet) failed the run
+        (bench/detector.py's lr_d_high): the check is a held decision, recorded with its numbers."""
+        ratio, sigma = self.cfg.d_sigma_quality_ratio, signals["sigma0_d_max"]
+        d.evidence["held"] = {"sigma0_d_max": sigma, "class_fid": fid, "class_fid_best": best, "needs": ratio}
+        d.reason = (f"no alarm: sigma0_d_max jumped to {sigma:.4g}, but class FID {fid:.4g} is not above "
                     f"{ratio} x the window's best {best:.4g}")
-        return False, ""
 
     def _floor_rules(self, d: Decision, signals: dict[str, float]) -> bool:
         """Absolute limits, whatever the history: armed once the run has been clearly on the good side of them."""
@@ -258,13 +267,10 @@ class HealthMonitor:
         if r2 < c.sigma_trend_r2:
             return False
         fid = signals.get("class_fid", math.nan)
-        window_fids = [p[2] for p in self.trend if len(p) > 2 and math.isfinite(p[2])]
-        quality = ""
-        if c.sigma_trend_quality_ratio > 0 and math.isfinite(fid) and window_fids:
-            best = min(window_fids)
-            if fid < c.sigma_trend_quality_ratio * best:
-                return False  # samples as good as the window's best: the climb is how this run learns, not a failure
-            quality = f"; class FID {fid:.4g} is {fid / best:.2g}x the window's best {best:.4g}"
+        agrees, best = _class_fid_agrees(fid, [p[2] for p in self.trend if len(p) > 2], c.sigma_trend_quality_ratio)
+        if not agrees:
+            return False  # samples as good as the window's best: the climb is how this run learns, not a failure
+        quality = "" if best is None else f"; class FID {fid:.4g} is {fid / best:.2g}x the window's best {best:.4g}"
         # NOTE: the onset stays the last quiet check: a climb is an early warning, and returning to where it began
         # (often step 0) threw away runs that were still improving (bench/detector.py, no_ortho_high_lr)
         return self._fire(d, "sigma0_trend", f"sigma0_g_first rose {rise:.3g}x over the last {len(points)} checks "
