@@ -6,6 +6,7 @@ rank, the loader, the checkpoint store, the tracker and a `report` callback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -164,10 +165,13 @@ class Trainer:
             x = tricks.add_instance_noise(x, std, self.noise)
         return x
 
-    def d_forward(self, x: torch.Tensor, y: torch.Tensor):
+    def d_forward(self, x: torch.Tensor, y: torch.Tensor, eager: bool = False):
         """D's module, not its engine: the engine's output hooks break torch.autograd.grad (R1, WGAN-GP);
-        gradients still reach DeepSpeed, which reduces them in `d_engine.backward`."""
-        out = self.D(x, y)
+        gradients still reach DeepSpeed, which reduces them in `d_engine.backward`. `eager` for a penalty that
+        differentiates D's gradient again: a compiled D's backward cannot be differentiated (aot_autograd has no
+        double backward), and a rollback's mitigation can switch R1 on in a compiled run."""
+        with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
+            out = self.D(x, y)
         return out if isinstance(out, tuple) else (out, None)
 
     # -- one D step (accumulated over micro-batches) -------------------------------------------------------------
@@ -183,12 +187,13 @@ class Trainer:
             x_real.requires_grad_(r1_now)
             if self.d_has_batchnorm:
                 # BatchNorm statistics must not mix real and fake: the G step shows D an all-fake batch
-                real_out, fake_out = self.d_forward(self.d_inputs(x_real), y_real), self.d_forward(self.d_inputs(x_fake), y_fake)
+                real_out = self.d_forward(self.d_inputs(x_real), y_real, eager=r1_now)
+                fake_out = self.d_forward(self.d_inputs(x_fake), y_fake)
                 logits = torch.cat([real_out[0], fake_out[0]])
                 class_logits = None if real_out[1] is None else torch.cat([real_out[1], fake_out[1]])
             else:
                 logits, class_logits = self.d_forward(
-                    torch.cat([self.d_inputs(x_real), self.d_inputs(x_fake)]), torch.cat([y_real, y_fake])
+                    torch.cat([self.d_inputs(x_real), self.d_inputs(x_fake)]), torch.cat([y_real, y_fake]), eager=r1_now
                 )
             real_logits, fake_logits = logits.float().split([x_real.shape[0], x_fake.shape[0]])
             loss, parts = losses.d_loss(
@@ -206,7 +211,7 @@ class Trainer:
                 parts["r1"] = r1.detach()
             if cfg.kind == "wgan-gp":
                 gp = losses.gradient_penalty(
-                    lambda x, y: self.d_forward(x, y)[0], x_real, x_fake, y_real, generator=self.noise
+                    lambda x, y: self.d_forward(x, y, eager=True)[0], x_real, x_fake, y_real, generator=self.noise
                 )
                 loss = loss + cfg.gp_lambda * gp
                 parts["gp"] = gp.detach()

@@ -51,3 +51,20 @@ def test_collapse_drill_survives_the_bf16_master_copy(tmp_path, digits_shards):
     assert safe_get_full_fp32_param(w).norm() / before > 20  # one G step cannot undo a x25
     assert w.float().norm() / before > 20  # and the module's bf16 copy agrees
     assert trainer.d_engine.optimizer.param_groups[0]["lr"] == pytest.approx(100 * d_lr)
+
+
+def test_a_compiled_d_takes_the_r1_penalty_a_mitigation_switches_on_mid_run(tmp_path, digits_shards):
+    """R1 needs D's compiled backward twice (create_graph): a mitigation that turns it on must not end the run."""
+    shards, n = digits_shards
+    cfg = tiny_config(tmp_path, shards, n, **{"train.compile": "true", "loss.d_steps": 1, "loss.r1_gamma": 0.0,
+                                              "loss.r1_interval": 1})
+    trainer = make_trainer(cfg, tmp_path)
+    assert trainer.speed.compile.on
+    trainer.train_iteration()  # compiled without R1 first, as a run that starts without it
+    assert "r1_gamma = 0.2" in apply_mitigation(trainer, "double_r1", 1)
+    trainer.clear_metrics()
+    before = d_weights(trainer)
+    trainer.train_iteration()
+    r1 = trainer.take_metrics()["r1"]
+    assert r1 > 0 and torch.isfinite(torch.tensor(r1))
+    assert any(not torch.equal(a, b) for a, b in zip(d_weights(trainer), before))
