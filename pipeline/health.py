@@ -60,6 +60,10 @@ def _class_fid_agrees(fid: float, window, ratio: float) -> tuple[bool, float | N
     return fid >= ratio * best, best
 
 
+def _fid_vs_best(fid: float, best: float) -> str:
+    return f"class FID {fid:.4g} is {fid / best:.2g}x the window's best {best:.4g}"
+
+
 def _r_squared(x: list[float], y: list[float]) -> float:
     """Share of y's variance a least-squares line through (x, y) explains (1 = a straight line)."""
     mx, my = statistics.fmean(x), statistics.fmean(y)
@@ -212,7 +216,7 @@ class HealthMonitor:
                 fired, best = _class_fid_agrees(fid, past_fids if len(past_fids) >= c.min_history else [],
                                                 c.d_sigma_quality_ratio)
                 if best is not None and fired:
-                    corroboration = f", and class FID {fid:.4g} is {fid / best:.2g}x the window's best {best:.4g}"
+                    corroboration = f", and {_fid_vs_best(fid, best)}"
                 elif best is not None:
                     self._hold_d_jump(d, signals, fid, best)
             if fired:
@@ -270,7 +274,7 @@ class HealthMonitor:
         agrees, best = _class_fid_agrees(fid, [p[2] for p in self.trend if len(p) > 2], c.sigma_trend_quality_ratio)
         if not agrees:
             return False  # samples as good as the window's best: the climb is how this run learns, not a failure
-        quality = "" if best is None else f"; class FID {fid:.4g} is {fid / best:.2g}x the window's best {best:.4g}"
+        quality = "" if best is None else f"; {_fid_vs_best(fid, best)}"
         # NOTE: the onset stays the last quiet check: a climb is an early warning, and returning to where it began
         # (often step 0) threw away runs that were still improving (bench/detector.py, no_ortho_high_lr)
         return self._fire(d, "sigma0_trend", f"sigma0_g_first rose {rise:.3g}x over the last {len(points)} checks "
