@@ -155,6 +155,8 @@ def worker_main(config: dict) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its database set-up and monitor notes are not ours to show
+    # Ray Train notes each report and pointer checkpoint at INFO, on every rank: our progress lines say it once
+    logging.getLogger("ray.train.v2._internal.execution").setLevel(logging.WARNING)
     cfg, paths = from_dict(config["cfg"]), config["paths"]
     ctx = ray.train.get_context()
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
@@ -234,3 +236,4 @@ def worker_main(config: dict) -> None:
             tracker.close(timeout=min(flush_s, PREEMPTED_FLUSH_S) if trainer.status == "preempted" else flush_s)
         registration.close()
     report(result, store.latest(), status=trainer.status)  # the run's outcome is the last report Ray keeps
+    preemption.training_over()  # Ray's SIGTERM to a finished worker is its shutdown, not a preemption

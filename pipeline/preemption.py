@@ -42,6 +42,7 @@ DEFAULT_REGISTRY = "/tmp/biggan-trainers"
 
 _requested = threading.Event()
 _reason: list[str] = []
+_over = threading.Event()
 
 
 # -- this process --------------------------------------------------------------------------------------------
@@ -64,10 +65,19 @@ def reset() -> None:
     """Forget a stop request (a driver that relaunches the workers after they stopped)."""
     _requested.clear()
     _reason.clear()
+    _over.clear()
+
+
+def training_over() -> None:
+    """No step boundary is left in this process: a signal now is its shutdown, with nothing to commit."""
+    _over.set()
 
 
 def _handler(signum, frame) -> None:
     name = signal.Signals(signum).name
+    if _over.is_set() and signum == signal.SIGTERM:
+        log.debug("%s after training ended: nothing to stop", name)
+        return
     if requested() and signum == signal.SIGINT:
         raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the checkpoint
     if requested():

@@ -111,3 +111,22 @@ def test_ranks_agree_on_the_stop_step_and_the_time_cadence():
     (_, stop0, saves0), (_, stop1, saves1) = results
     assert stop0 == stop1 == 6, results  # flagged at boundary 5 on rank 1 only, agreed one boundary later
     assert saves0 == saves1 and saves0, results  # rank 0's clock, the same steps everywhere
+
+
+def test_a_sigterm_after_training_ended_is_the_shutdown_not_a_preemption(capsys):
+    # Ray terminates a finished worker with SIGTERM: there is no step boundary left to stop at
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        assert preemption.install_handlers()
+        preemption.training_over()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert not preemption.requested() and "[preempt]" not in capsys.readouterr().out
+        preemption.reset()  # a relaunched trainer in this process is preemptible again
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert preemption.requested() and "[preempt] SIGTERM received" in capsys.readouterr().out
+    finally:
+        preemption.reset()
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
