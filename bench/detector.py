@@ -73,6 +73,8 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "lr_both_high": ({"optim.g_lr": 1.6e-2, "optim.d_lr": 1.6e-2}, LATE),  # both x20
     "dg_ratio_high": ({"loss.d_steps": 8, "optim.d_lr": 4e-3}, LATE),
     "no_sn_d": ({"model.d_spectral_norm": False}, LATE),  # D's spectral norm switched off
+    "no_sn_d_lr_high": ({"model.d_spectral_norm": False, "optim.d_lr": 8e-3}, LATE),  # ... and D's lr x10
+    "dg_ratio_extreme": ({"loss.d_steps": 12, "optim.d_lr": 8e-3}, LATE),  # D:G 12, D's lr x10
     "no_ortho_high_lr": ({"loss.ortho_beta": 0.0, "optim.g_lr": 2e-3, "optim.d_lr": 8e-3}, START),  # issue #17's run
     "tiny_batch": ({"data.batch_size": 2, "train.global_batch": 2, "optim.g_lr": 2e-3, "optim.d_lr": 2e-3}, START),
     "r1_off_strong_d": ({"loss.r1_gamma": 0.0, "model.d_ch": 32, "loss.d_steps": 4, "optim.d_lr": 4e-3}, START),

@@ -124,6 +124,8 @@ class Trainer:
         self.loader = None
         self.open_loader(epoch=0, offset=0)
         self.data_wait = 0.0
+        self.train_time = self.health_time = 0.0  # this process's seconds in train_iteration and in health checks
+        self.health_checks = 0
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
         self._sample_z, self._sample_y = self._fixed_samples()
@@ -387,6 +389,7 @@ class Trainer:
         return signals
 
     def check_health(self, losses_now: dict[str, float]):
+        t0 = time.perf_counter()
         decision = self.health.observe(self.step, self.health_signals(losses_now))
         alarm = torch.tensor([1.0 if decision.alarm else 0.0], device=self.device)
         if self.world_size > 1:
@@ -395,10 +398,18 @@ class Trainer:
         if decision.alarm and not raised_here:
             decision.reason = "another rank raised the alarm"
         shown = {f"health/{k}": v for k, v in decision.evidence["signals"].items() if k.startswith(("class_", "variety"))}
-        self.tracker.log_metrics({"health/alarm": float(decision.alarm), **shown}, step=self.step)
+        took = time.perf_counter() - t0
+        self.health_time, self.health_checks = self.health_time + took, self.health_checks + 1
+        self.tracker.log_metrics({"health/alarm": float(decision.alarm), "health/check_s": took, **shown}, step=self.step)
         if decision.alarm or decision.held:
             self.tracker.log_text(decision.explain(), f"health/decision_{self.step:08d}.txt")
         return decision
+
+    def _health_cost(self) -> str:
+        if not self.health_checks or self.train_time <= 0:
+            return ""
+        return (f"; {self.health_checks} health checks took {self.health_time:.0f}s, "
+                f"{100 * self.health_time / self.train_time:.1f}% of the training steps' {self.train_time:.0f}s")
 
     def fit(self) -> dict:
         cfg = self.cfg.train
@@ -413,6 +424,7 @@ class Trainer:
             t0 = time.perf_counter()
             self.train_iteration()
             step_time = time.perf_counter() - t0
+            self.train_time += step_time
             self._maybe_fail_once()
             boundary = self.stop.check()  # agreed by every rank: preempted? time-based checkpoint due?
 
@@ -487,7 +499,7 @@ class Trainer:
                 "best_checkpoint": best["step"] if best else (healthy.step if healthy else "none"),
             })
             why = f" ({preemption.reason()})" if self.status == "preempted" else ""
-            print(f"[{self.status}] step {self.step} in {time.time() - start:.0f}s{why}", flush=True)
+            print(f"[{self.status}] step {self.step} in {time.time() - start:.0f}s{why}{self._health_cost()}", flush=True)
         return {"status": self.status, "step": self.step, "rollbacks": self.rollbacks, "run_id": self.tracker.run_id}
 
     def write_review_sheets(self) -> None:

@@ -166,6 +166,18 @@ def test_a_new_fid_is_judged_once_at_the_next_check(tmp_path, digits_shards):
     assert {"sigma0_g_first", "sigma0_d_max", "variety"} <= trainer.health_signals({}).keys()
 
 
+def test_a_run_says_what_its_health_checks_cost_against_its_training_steps(tmp_path, digits_shards, capsys):
+    shards, n = digits_shards
+    cfg = tiny_config(tmp_path, shards, n, **{"health.enabled": True, "health.class_signals": False,
+                                               "train.steps": 6, "health.every": 2})
+    trainer = make_trainer(cfg, tmp_path)
+    assert trainer.fit()["status"] == "finished"
+    assert trainer.health_checks == 3 and 0 < trainer.health_time < trainer.train_time
+    finished = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[finished]")]
+    share = 100 * trainer.health_time / trainer.train_time
+    assert len(finished) == 1 and "3 health checks took" in finished[0] and f"{share:.1f}% of the training" in finished[0]
+
+
 # -- class-aware rules and the sigma0 trend (synthetic signals; the real-training tests are in test_class_health.py)
 def _classy(mon: HealthMonitor, steps, fidelity=0.6, diversity=0.8, fid=40.0, sigma=1.0):
     for s in steps:
