@@ -141,6 +141,17 @@ def _fit_once(cfg: RunConfig, paths: dict, train_config: dict) -> dict:
     return dict(result.metrics or {})
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train notes each report and pointer checkpoint at INFO, on every rank: our progress lines say it once.
+    Its report logger is named after its file, not its module."""
+    import importlib.util
+
+    logging.getLogger("ray.train.v2._internal.execution").setLevel(logging.WARNING)
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+
+
 def worker_main(config: dict) -> None:
     """One data-parallel rank: build loader, engines and trainer, resume, train, report."""
     import ray
@@ -155,8 +166,7 @@ def worker_main(config: dict) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its database set-up and monitor notes are not ours to show
-    # Ray Train notes each report and pointer checkpoint at INFO, on every rank: our progress lines say it once
-    logging.getLogger("ray.train.v2._internal.execution").setLevel(logging.WARNING)
+    _quiet_ray_train_reports()
     cfg, paths = from_dict(config["cfg"]), config["paths"]
     ctx = ray.train.get_context()
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
