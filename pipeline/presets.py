@@ -65,13 +65,13 @@ def demo() -> RunConfig:
     cfg.model.attention = 0
     cfg.data.batch_size, cfg.data.num_threads = 32, 1
     # 4x the SAGAN rates with translation DiffAugment: in the same 450 steps FID 32.9 -> 15.4 and the CAS gap
-    # 28 -> 17 points (bench/RESULTS.md, "Session 8"); D overfits 60,000 images at these rates without it
+    # 28 -> 17 points (bench/RESULTS.md, "Session 8"); without it the same rates raised a health alarm at step 215
     cfg.optim.g_lr, cfg.optim.d_lr = 8e-4, 8e-4
     cfg.data.diffaug = "translation"
     cfg.optim.zero_stage = 0
     cfg.ema.decay, cfg.ema.start_step = 0.99, 100  # a short run: average the last ~100 steps, not ~1000
-    # aimed at 10 minutes on 2 cores after installation; measured 12.3 min on a fresh machine (bench/RESULTS.md,
-    # "The demo as a user runs it")
+    # aimed at 10 minutes on 2 cores after installation; measured on a fresh clone 12.3 min on the Xeon and 13.2 on
+    # the EPYC (bench/RESULTS.md, "The demo as a user runs it" and "Session 8")
     cfg.train.steps, cfg.train.global_batch = 450, 64
     cfg.train.log_every, cfg.train.sample_every, cfg.train.checkpoint_every = 25, 150, 225
     cfg.cluster.num_workers, cfg.cluster.use_gpu, cfg.cluster.max_failures = 2, False, 1
