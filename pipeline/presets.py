@@ -86,28 +86,33 @@ def demo() -> RunConfig:
     return cfg
 
 
+def _classic_baseline(preset: str) -> RunConfig:
+    """The demo's data, budget and cluster for a classic GAN, which trains as published: without DiffAugment
+    (and as measured in bench/RESULTS.md)."""
+    cfg = demo()
+    cfg.preset = preset
+    cfg.data.diffaug = ""
+    return cfg
+
+
 def dcgan_fmnist() -> RunConfig:
     """The DCGAN baseline (Radford et al. 2016) on Fashion-MNIST at 32 px, non-saturating loss, on the demo's cluster."""
-    cfg = demo()
-    cfg.preset = "dcgan-fmnist"
+    cfg = _classic_baseline("dcgan-fmnist")
     cfg.model.arch, cfg.model.g_ch, cfg.model.d_ch, cfg.model.dim_z = "dcgan", 32, 32, 100
     cfg.model.d_norm, cfg.model.d_conditioning = "batch", "projection"
     cfg.loss.kind, cfg.loss.d_steps, cfg.loss.ortho_beta = "bce", 1, 0.0
     cfg.optim.g_lr, cfg.optim.d_lr, cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps = 2e-4, 2e-4, 0.5, 0.999, 1e-8
     cfg.health.d_loss_floor = 0.001  # a BCE D often wins for a while; only a D at ~0 loss is suspicious
-    cfg.data.diffaug = ""  # the baseline as published (and as measured in bench/RESULTS.md)
     return cfg
 
 
 def wgan_gp_fmnist() -> RunConfig:
     """WGAN-GP (Gulrajani et al. 2017) on Fashion-MNIST at 32 px: 5 critic steps, LayerNorm critic, lambda 10."""
-    cfg = demo()
-    cfg.preset = "wgan-gp-fmnist"
+    cfg = _classic_baseline("wgan-gp-fmnist")
     cfg.model.arch, cfg.model.g_ch, cfg.model.d_ch, cfg.model.dim_z = "dcgan", 32, 32, 100
     cfg.model.d_norm, cfg.model.d_conditioning = "layer", "projection"
     cfg.loss.kind, cfg.loss.d_steps, cfg.loss.gp_lambda, cfg.loss.ortho_beta = "wgan-gp", 5, 10.0, 0.0
     cfg.optim.g_lr, cfg.optim.d_lr, cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps = 1e-4, 1e-4, 0.0, 0.9, 1e-8
-    cfg.data.diffaug = ""  # the baseline as published (and as measured in bench/RESULTS.md)
     return cfg
 
 
