@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline import preemption, resume
 from pipeline.config import ConfigError, RunConfig, from_dict
-from pipeline.ray_local import init_ray
+from pipeline.ray_local import init_ray, quiet_console_env
 from pipeline.run_metadata import RunReview, source_tags
 from pipeline.tracking import default_tracking_uri
 
@@ -164,6 +164,7 @@ def worker_main(config: dict) -> None:
     from pipeline.tracking import Tracker
     from pipeline.trainer import Trainer
 
+    quiet_console_env()  # before mlflow is imported: it sets its logger's level from the environment then
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its database set-up and monitor notes are not ours to show
     _quiet_ray_train_reports()

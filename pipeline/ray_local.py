@@ -10,7 +10,26 @@ from pathlib import Path
 
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 PROJECT_PACKAGES = ("pipeline", "models", "data_prep")
-NO_PRINT_PATCH = ("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# NOTE: set in every process a run starts (setdefault: a user's own value wins). Ray Train V2 routes a worker's
+# print() through the root logger *and* tees it to stdout, so every line of ours arrived twice; MLflow sets its
+# own logger to INFO when imported (database set-up, the system-metrics monitor) and draws a progress bar for
+# every artifact it moves, which in a worker's log are noise
+WORKER_ENV = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+# NOTE: Ray Train's preemption watcher polls for nodes being drained by an autoscaler; a one-node embedded Ray
+# is never drained (our SIGTERM handler covers the machine going away), and the watcher's start logs an error
+# line about its own restart policy (ray-project/ray#53727)
+EMBEDDED_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def quiet_console_env() -> None:
+    """WORKER_ENV in this process's environment (a value already set wins). A worker of a submitted job or of a
+    cluster started elsewhere calls it too: there the driver's environment does not reach it."""
+    for name, value in WORKER_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 def init_ray(num_cpus: int | None = None, object_store_mb: int = 512, dashboard: bool = False) -> bool:
@@ -22,9 +41,7 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 512, dashboard:
     pinned to the loopback interface too (GLOO_SOCKET_IFNAME=lo), inherited by the local workers. `dashboard`
     starts Ray's dashboard on 127.0.0.1 (Ray Train's state queries need it; make_shards does not).
     """
-    # NOTE: Ray Train V2 routes a worker's print() through the root logger *and* tees it to stdout (stdout is
-    # wrapped in a worker), so every line of ours arrived twice; this turns that patch off in the workers
-    os.environ.setdefault(NO_PRINT_PATCH[0], NO_PRINT_PATCH[1])
+    quiet_console_env()
     if os.environ.get("RAY_ADDRESS"):
         import ray  # noqa: PLC0415
 
@@ -34,10 +51,12 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 512, dashboard:
         # connects ships the project's packages itself
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
         modules = [str(Path(REPO_ROOT) / p) for p in PROJECT_PACKAGES]
-        env = {"py_modules": modules, "env_vars": dict([NO_PRINT_PATCH])}
+        env = {"py_modules": modules, "env_vars": {k: os.environ[k] for k in WORKER_ENV}}
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=None if in_job else env, log_to_driver=True)
         return True
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    for name, value in EMBEDDED_ENV.items():
+        os.environ.setdefault(name, value)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     _private_auth_token()
     import ray  # noqa: PLC0415

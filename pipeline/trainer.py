@@ -65,6 +65,14 @@ def build_models(cfg: RunConfig):
     return G, D
 
 
+def eta_seconds(remaining_steps: int, elapsed_s: float, iters: int, warmup_s: float = 0.0) -> float:
+    """Seconds left at the pace of the last log window, whose `warmup_s` (a first, compiling iteration) is not the
+    pace of the steps to come."""
+    if warmup_s > 0 and iters > 1:
+        return remaining_steps * max(elapsed_s - warmup_s, 0.0) / (iters - 1)
+    return remaining_steps * elapsed_s / max(iters, 1)
+
+
 class Trainer:
     def __init__(
         self,
@@ -415,16 +423,20 @@ class Trainer:
         cfg = self.cfg.train
         if self.rank == 0:
             log.info("training from step %d to %d on %d worker(s)", self.step, cfg.steps, self.world_size)
-        start, last_log_t, last_log_step = time.time(), time.time(), self.step
+        start, last_log_step = time.time(), self.step
         metrics: dict[str, float] = {}
         self.recovery.ensure_initial_checkpoint()  # a place to return to before the first healthy checkpoint
         if self.cfg.health.enabled:
             self.class_signals.setup()  # every rank: the dataset classifier, from rank 0 (trained once if absent)
+        last_log_t = time.time()  # the set-up above is not a step: the first window's step time leaves it out
+        window_warmup_s: float | None = None  # the first iteration compiles (minutes under torch.compile): not in the ETA
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             self.train_iteration()
             step_time = time.perf_counter() - t0
             self.train_time += step_time
+            if window_warmup_s is None:
+                window_warmup_s = step_time
             self._maybe_fail_once()
             boundary = self.stop.check()  # agreed by every rank: preempted? time-based checkpoint due?
 
@@ -439,11 +451,11 @@ class Trainer:
                 metrics["step_time_s"] = elapsed / max(iters, 1)
                 metrics["data_wait_s"] = self.data_wait / max(iters, 1)
                 metrics["last_step_time_s"] = step_time
-                self.data_wait, last_log_t, last_log_step = 0.0, now, self.step
+                eta = eta_seconds(cfg.steps - self.step, elapsed, iters, window_warmup_s)
+                self.data_wait, last_log_t, last_log_step, window_warmup_s = 0.0, now, self.step, 0.0
                 sig = {k: float(v) for k, v in self._reduce(self.spectral_signals()).items()}
                 self.tracker.log_metrics({**metrics, **sig}, step=self.step)
                 if self.rank == 0:
-                    eta = (cfg.steps - self.step) * metrics["step_time_s"]
                     print(
                         f"[step {self.step}/{cfg.steps}] {metrics['images_per_s']:.1f} img/s "
                         f"d_real {metrics.get('d_loss_real', math.nan):.3f} d_fake {metrics.get('d_loss_fake', math.nan):.3f} "

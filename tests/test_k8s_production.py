@@ -94,10 +94,15 @@ def test_every_raycluster_uses_token_auth_with_the_token_from_a_secret(stack):
 
 
 @pytest.mark.parametrize("stack", STACKS)
-def test_every_ray_container_prints_each_worker_line_once(stack):
-    """Ray Train's print patch tees a worker's print to the log and to stdout; the pods turn it off."""
+def test_every_ray_container_keeps_the_console_as_the_embedded_ray_does(stack):
+    """Ray Train's print patch (every worker line twice), MLflow's INFO notes and artifact progress bars: the pods
+    set what pipeline.ray_local sets for the embedded Ray's workers, to the same values."""
+    from pipeline.ray_local import WORKER_ENV
+
     for where, group in _ray_groups(the("RayCluster", stack)):
-        assert _env(_ray_container(group)).get("RAY_TRAIN_ENABLE_PRINT_PATCH", {}).get("value") == "0", where
+        env = _env(_ray_container(group))
+        for name, value in WORKER_ENV.items():
+            assert env.get(name, {}).get("value") == value, f"{where}: {name} is not {value!r}"
 
 
 @pytest.mark.parametrize("job", JOB_OVERLAYS)

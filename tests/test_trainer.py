@@ -154,3 +154,31 @@ def test_bf16_attention_and_channels_last_train(tmp_path, digits_shards):
     gammas = [m.gamma for m in trainer.G.modules() if hasattr(m, "gamma")]
     assert gammas and all(torch.isfinite(g).all() for g in gammas)
     assert all(torch.isfinite(p.float()).all() for p in trainer.D.parameters())
+
+
+def test_the_eta_is_the_steady_pace_not_the_first_iterations_compilation(tmp_path, digits_shards, capsys):
+    """The first iteration of a compiled run takes minutes; the progress line's ETA must not multiply that by the
+    steps left (the demo's first line said 01:05:33 for a run that had 6 minutes to go)."""
+    import re
+    import time
+
+    from pipeline.trainer import eta_seconds
+
+    shards, n = digits_shards
+    cfg = tiny_config(tmp_path, shards, n, **{"train.steps": 8, "train.log_every": 4})
+    trainer = make_trainer(cfg, tmp_path)
+    iteration, calls = trainer.train_iteration, []
+
+    def first_one_slow():
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(15)  # as a compilation would
+        return iteration()
+
+    trainer.train_iteration = first_one_slow
+    assert trainer.fit()["status"] == "finished"
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[step 4/8]")]
+    h, m, s = map(int, re.search(r"eta (\d+):(\d+):(\d+)", lines[0]).groups())
+    assert h * 3600 + m * 60 + s < 15, lines[0]  # at the raw pace of the window: 4 x (15 s + 3 steps) / 4 > 15 s
+    assert eta_seconds(10, 12.0, 4, warmup_s=9.0) == pytest.approx(10.0)
+    assert eta_seconds(10, 12.0, 4) == pytest.approx(30.0) and eta_seconds(10, 12.0, 1, warmup_s=9.0) == 120.0
