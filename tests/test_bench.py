@@ -168,3 +168,28 @@ def test_detector_dates_a_lasting_failure_and_judges_the_rollback():
         s["d_spread"], s["d_auc"] = 0.8, (0.85 if s["step"] < 35 else 0.05)
     judge(run, nc=10, every=5)
     assert (run.onset, run.verdict_onset_by) == (35, "D inverted")
+
+
+def test_cas_classifier_trains_on_samples_and_on_real_images_and_reports_the_gap(tmp_path, digits_shards):
+    """bench/cas_classifier.py on a random G and real digits: one JSON line per variant, the real classifier's
+    accuracy well above chance, an untrained G's samples near chance, and the gap between them."""
+    from pipeline import sample
+    from tests.test_sample import tiny_config
+
+    shards, num_classes = digits_shards
+    cfg = tiny_config()
+    cfg.model.num_classes = num_classes
+    torch.manual_seed(0)
+    G = sample.build_generator(cfg, num_classes)
+    ckpt = tmp_path / "g_ema.pt"
+    torch.save({"g_ema_state": G.state_dict(), "config": cfg.to_dict(),
+                "class_names": [str(i) for i in range(num_classes)], "step": 1}, ckpt)
+    proc = run_script("cas_classifier.py", str(ckpt), "--data", shards, "--samples", "600", "--test", "300",
+                      "--variant", "src=real,epochs=4", "--variant", "epochs=2,max_shift=0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    real, fake = (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
+    assert real["src"] == "real" and real["accuracy"] > 0.5
+    assert fake["max_shift"] == 0 and fake["accuracy"] < 0.35
+    assert fake["gap_points"] == pytest.approx(100 * (real["accuracy"] - fake["accuracy"]), abs=0.06)
+    bad = run_script("cas_classifier.py", str(ckpt), "--data", shards, "--variant", "src=both")
+    assert bad.returncode == 2 and "src must be fake or real" in bad.stderr
