@@ -119,5 +119,6 @@ def check_policy(cfg: RunConfig, checkpoints: str, policy: str) -> CheckpointInf
     if policy == "must" and found is None:
         raise ResumeError(f"--resume must: run {name!r} has no committed checkpoint in {checkpoints}")
     if found is not None and found.step >= cfg.train.steps:
-        log.warning("run %s is already at step %d of %d", name, found.step, cfg.train.steps)
+        log.warning("run %s is already at step %d of %d: nothing to train; pass another --run-name for a fresh run "
+                    "(its checkpoints are in %s)", name, found.step, cfg.train.steps, checkpoints)
     return found

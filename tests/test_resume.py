@@ -47,6 +47,19 @@ def test_policies_against_a_real_store(tmp_path):
         resume.check_policy(cfg, str(root), "never")
 
 
+def test_a_run_already_past_its_steps_says_how_to_start_a_fresh_one(tmp_path, caplog):
+    """Lowering train.steps keeps the run's name, so the launch finds the old, longer run: the warning says that
+    nothing will train and how to get a fresh run."""
+    cfg = get_preset("demo")
+    cfg.tracking.run_name, cfg.train.steps = "r2", 5
+    root = tmp_path / "ckpt"
+    _commit(root, 7)
+    with caplog.at_level("WARNING", logger="pipeline.resume"):
+        assert resume.check_policy(cfg, str(root), "auto").step == 7
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "pipeline.resume"]
+    assert "already at step 7 of 5: nothing to train" in message and "--run-name" in message and str(root) in message
+
+
 def test_never_refuses_a_name_mlflow_already_has(tmp_path):
     from mlflow.tracking import MlflowClient
 
