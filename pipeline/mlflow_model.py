@@ -22,7 +22,6 @@ the run config (`artifacts/config.json`) and class names (`artifacts/classes.jso
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import logging
@@ -30,7 +29,6 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -44,8 +42,8 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
-# MLflow's UserWarnings for a model without type hints or an input example (they start with a colour code)
-UNNEEDED_MLFLOW_NOTES = (r"(?s).*Add type hints to the `predict` method", r"(?s).*An input example was not provided")
+# MLflow's UserWarning for a model written without an input example (it starts with a colour code)
+NO_INPUT_EXAMPLE_NOTE = r"(?s).*An input example was not provided"
 CODE_PACKAGES = ("pipeline", "models")  # what the model's code_paths hold (the generator and its loader)
 REQUIREMENTS = ("torch", "numpy", "pillow", "pyyaml", "mlflow")  # pinned to the versions installed here
 MAX_IMAGES = 256  # per predict call: a request renders at most this many images
@@ -64,16 +62,6 @@ SIGNATURE = ModelSignature(
     ]),
     params=ParamSchema([ParamSpec("truncation", "double", 0.0), ParamSpec("seed", "long", 0)]),
 )
-
-
-@contextlib.contextmanager
-def without_signature_notes() -> Iterator[None]:
-    """MLflow asks for an input example (and type hints) to infer a signature when a model is written; this model
-    states its signature (SIGNATURE), and the notes would land in every run's console. Other warnings pass."""
-    with warnings.catch_warnings():
-        for note in UNNEEDED_MLFLOW_NOTES:
-            warnings.filterwarnings("ignore", message=note, category=UserWarning)
-        yield
 
 
 class GeneratorModel(mlflow.pyfunc.PythonModel):
@@ -210,7 +198,10 @@ def save_generator_model(checkpoint: str | os.PathLike, path: str | os.PathLike)
             shutil.copytree(ROOT / package, staging / "code" / package,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             code.append(str(staging / "code" / package))
-        with without_signature_notes():
+        with warnings.catch_warnings():
+            # NOTE: MLflow asks for an input example to infer a signature; this model states its own (SIGNATURE),
+            # and the note would land in every run's console. Other warnings pass
+            warnings.filterwarnings("ignore", message=NO_INPUT_EXAMPLE_NOTE, category=UserWarning)
             mlflow.pyfunc.save_model(
                 str(path), python_model=str(Path(__file__).with_name("mlflow_model_code.py")), signature=SIGNATURE,
                 code_paths=code,
