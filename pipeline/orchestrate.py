@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 from pipeline import preemption, resume
@@ -84,7 +85,7 @@ def run_training(cfg: RunConfig, inject_collapse_at: int | None = None, resume_p
     print(f"[run] {cfg.tracking.run_name}: {start}; checkpoints {paths['checkpoints']}, "
           f"tracking {cfg.tracking.tracking_uri}", flush=True)
     train_config = {
-        "cfg": cfg.to_dict(), "paths": paths, "inject_collapse_at": inject_collapse_at,
+        "cfg": cfg.to_dict(), "paths": paths, "inject_collapse_at": inject_collapse_at, "launch": uuid.uuid4().hex[:12],
         "tags": {**source_tags(), "ray_job_id": job_id, "world_size": cfg.cluster.num_workers,
                  "preset": cfg.preset},
     }
@@ -193,7 +194,8 @@ def worker_main(config: dict) -> None:
     run_id = start_from.meta.get("mlflow_run_id") if start_from else None
     tracker = Tracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name, run_id=run_id,
                       enabled=rank == 0, retries=cfg.tracking.retries, max_wait=cfg.tracking.retry_max_wait_s,
-                      state_dir=paths["output_dir"])  # spill and unsent calls in the run's folder
+                      state_dir=paths["output_dir"],  # spill and unsent calls in the run's folder
+                      launch=config.get("launch"))
 
     def report(metrics: dict, info, status: str = "running") -> None:
         with tempfile.TemporaryDirectory() as tmp:

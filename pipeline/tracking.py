@@ -38,6 +38,9 @@ from pipeline.backlog import Backlog
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "biggan.run_name"
+# the launch (one command run: its worker restarts and relaunches) that made a run: a run without a checkpoint to
+# resume is reopened by name only within its own launch, so a fresh start never appends to an earlier run's metrics
+LAUNCH_TAG = "biggan.launch"
 REPLACES_TAG = "biggan.replaces_run"  # on a run made because the job's run was deleted: the deleted run's id
 MAX_PENDING = 10_000  # calls kept in memory; more spill to a local file
 UNSENT_FILE = "tracking-unsent.jsonl"  # in state_dir: calls a closed tracker could not send
@@ -103,8 +106,10 @@ class Tracker:
         max_pending: int = MAX_PENDING,
         spill_path: str | Path | None = None,
         state_dir: str | Path | None = None,
+        launch: str | None = None,
     ):
         self.enabled = enabled
+        self.launch = launch
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.run_name = run_name
@@ -326,17 +331,25 @@ class Tracker:
             return
         client = self._mlflow()
         exp_id = self._experiment_id()
-        found = client.search_runs(
-            [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{self.run_name}'", max_results=1
-        )
+        by_name = f"tags.`{RUN_NAME_TAG}` = '{self.run_name}'"
+        this_launch = f" and tags.`{LAUNCH_TAG}` = '{self.launch}'" if self.launch else ""
+        found = client.search_runs([exp_id], filter_string=by_name + this_launch, max_results=1)
         if found:
             self.run_id = found[0].info.run_id
             client.update_run(self.run_id, status="RUNNING")
             log.info("mlflow: reopened run %s (%s)", self.run_name, self.run_id)
-        else:
-            run = client.create_run(exp_id, run_name=self.run_name, tags={RUN_NAME_TAG: self.run_name})
-            self.run_id = run.info.run_id
-            log.info("mlflow: created run %s (%s) at %s", self.run_name, self.run_id, self.tracking_uri)
+            return
+        run = client.create_run(exp_id, run_name=self.run_name, tags=self._identity_tags())
+        self.run_id = run.info.run_id
+        earlier = client.search_runs([exp_id], filter_string=by_name, max_results=2) if self.launch else []
+        if any(r.info.run_id != self.run_id for r in earlier):
+            log.warning("mlflow: run name %s has a run from an earlier launch and no checkpoint to resume: this launch "
+                        "starts at step 0 in a new MLflow run (%s), the earlier one is left as it is",
+                        self.run_name, self.run_id)
+        log.info("mlflow: created run %s (%s) at %s", self.run_name, self.run_id, self.tracking_uri)
+
+    def _identity_tags(self) -> dict[str, str]:
+        return {RUN_NAME_TAG: self.run_name, **({LAUNCH_TAG: self.launch} if self.launch else {})}
 
     def _replace_deleted_run(self) -> bool:
         """After a permanent failure: if our run was deleted, continue in a new run tagged with the old id
@@ -357,7 +370,7 @@ class Tracker:
         if found:
             self.run_id = found[0].info.run_id
         else:
-            tags = {RUN_NAME_TAG: self.run_name, REPLACES_TAG: old}
+            tags = {**self._identity_tags(), REPLACES_TAG: old}
             self.run_id = client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
         log.warning("mlflow: run %s was deleted; continuing in run %s (tag %s)", old, self.run_id, REPLACES_TAG)
         if self._params:

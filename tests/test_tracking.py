@@ -8,7 +8,7 @@ import time
 from mlflow.tracking import MlflowClient
 
 from pipeline.backlog import Backlog
-from pipeline.tracking import REPLACES_TAG, Tracker
+from pipeline.tracking import REPLACES_TAG, RUN_NAME_TAG, Tracker
 from tests.conftest import MlflowServer, free_port
 
 
@@ -31,6 +31,31 @@ def test_one_run_per_job_reopened_by_name(mlflow_server):
     history = client.get_metric_history(first.run_id, "g_loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5)]
     assert client.get_run(first.run_id).data.params == {"train.steps": "10", "train.seed": "0"}
+
+
+def test_a_new_launch_without_a_checkpoint_gets_a_new_run_not_the_earlier_launchs(mlflow_server, caplog):
+    """`make demo` again after `rm -rf runs` (checkpoints gone, mlflow.db kept): the same run name starts at step
+    0 again, and must not append a second step-0 series to the earlier run. Within one launch (a worker restart
+    before the first checkpoint) the run is still reopened."""
+
+    def log_once(launch: str, value: float) -> str:
+        tracker = Tracker(mlflow_server.uri, "t-launch", "demo-x", retry_wait=0.2, launch=launch)
+        tracker.log_metrics({"g_loss": value}, step=1)
+        assert tracker.flush(30)
+        tracker.close()
+        return tracker.run_id
+
+    first = log_once("launch-a", 1.0)
+    assert log_once("launch-a", 0.9) == first  # the same launch: reopened
+    with caplog.at_level("WARNING", logger="pipeline.tracking"):
+        second = log_once("launch-b", 0.5)
+    assert second != first
+    assert any("has a run from an earlier launch" in r.getMessage() and second in r.getMessage()
+               for r in caplog.records)
+    client = MlflowClient(mlflow_server.uri)
+    assert [m.value for m in client.get_metric_history(first, "g_loss")] == [1.0, 0.9]
+    assert [m.value for m in client.get_metric_history(second, "g_loss")] == [0.5]
+    assert client.get_run(second).data.tags[RUN_NAME_TAG] == "demo-x"
 
 
 def test_server_outage_warns_retries_and_keeps_going(tmp_path, caplog):
