@@ -6,8 +6,12 @@ FusedAdam for minutes on CPU (STACK-NOTES), and torch's fused Adam is as fast on
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +62,23 @@ def init_single_process_group() -> None:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
 
 
+# printed (not logged) by DeepSpeed's comm backend in every worker when its CPU shared-memory op loads
+DS_SHM_BANNER = re.compile(r"^DeepSpeed \S+ built successfully$")
+
+
+@contextlib.contextmanager
+def _without_ds_banner() -> Iterator[None]:
+    """Standard output without DeepSpeed's op banner; anything else printed meanwhile is passed on."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        kept = [line for line in buf.getvalue().splitlines() if not DS_SHM_BANNER.match(line.strip())]
+        if kept:
+            print("\n".join(kept), flush=True)
+
+
 def build_engines(cfg: RunConfig, G: nn.Module, D: nn.Module, device: torch.device, world_size: int):
     """Returns (g_engine, d_engine). Call on every rank after the process group exists."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
@@ -72,12 +93,13 @@ def build_engines(cfg: RunConfig, G: nn.Module, D: nn.Module, device: torch.devi
         D.compile()
     engines = []
     for model, lr in ((G, cfg.optim.g_lr), (D, cfg.optim.d_lr)):
-        engine, *_ = deepspeed.initialize(
-            model=model,
-            optimizer=adam(model.parameters(), lr, cfg, device),
-            config=ds_config(cfg, world_size, bf16),
-            dist_init_required=False,
-        )
+        with _without_ds_banner():
+            engine, *_ = deepspeed.initialize(
+                model=model,
+                optimizer=adam(model.parameters(), lr, cfg, device),
+                config=ds_config(cfg, world_size, bf16),
+                dist_init_required=False,
+            )
         engines.append(engine)
     return engines[0], engines[1]
 

@@ -68,3 +68,29 @@ def test_a_compiled_d_takes_the_r1_penalty_a_mitigation_switches_on_mid_run(tmp_
     r1 = trainer.take_metrics()["r1"]
     assert r1 > 0 and torch.isfinite(torch.tensor(r1))
     assert any(not torch.equal(a, b) for a, b in zip(d_weights(trainer), before))
+
+
+def test_building_the_engines_prints_no_deepspeed_banner_and_keeps_other_output(tmp_path, digits_shards, capsys):
+    """DeepSpeed prints "DeepSpeed ... built successfully" once per process, when its comm backend first loads its
+    shared-memory op: a fresh interpreter, or this test could not fail."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.engines import _without_ds_banner
+
+    shards, n = digits_shards
+    script = (
+        "import sys; from tests.trainer_harness import make_trainer, tiny_config; from pathlib import Path\n"
+        f"tmp = Path({str(tmp_path)!r}); cfg = tiny_config(tmp, {shards!r}, {n})\n"
+        "make_trainer(cfg, tmp); print('engines built')\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "engines built" in out.stdout and "built successfully" not in out.stdout + out.stderr
+    with _without_ds_banner():
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+        print("something else a user must see")
+    assert capsys.readouterr().out == "something else a user must see\n"
