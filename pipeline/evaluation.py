@@ -320,20 +320,34 @@ def evaluation_copy(G: nn.Module, *, passes: int, batch_size: int, truncation: f
     return G
 
 
-def score(G: nn.Module, reference: ReferenceSet, *, num_classes: int, truncation: float = 0.0,
-          device: torch.device | str = "cpu", standing_stats: bool = True,
-          group: metrics.Collective = metrics.LOCAL, bf16: bool = False) -> dict[str, float]:
-    """evaluate_generator on a standing-statistics copy of G (sampled in bf16 if `bf16`), on every rank of `group`
-    (each calls it): {'fid', 'is_mean', 'is_std', 'precision_<space>', 'recall_<space>'}, the same on every rank."""
+def shared_copy(G: nn.Module, reference: ReferenceSet, *, truncation: float = 0.0, device: torch.device | str = "cpu",
+                standing_stats: bool = True, group: metrics.Collective = metrics.LOCAL,
+                bf16: bool = False) -> nn.Module:
+    """evaluation_copy on every rank of `group` (each calls it), with eval.standing_stats_passes: the same copy on
+    every rank (standing statistics from the same seeded draws); a failure on any rank raises on all."""
     ecfg = reference.ecfg
-    reference.prepare(group)
     G_eval, error = None, None
-    try:  # the same copy on every rank: standing statistics from the same seeded draws
+    try:
         G_eval = evaluation_copy(G, passes=ecfg.standing_stats_passes if standing_stats else 0,
                                  batch_size=ecfg.batch_size, truncation=truncation, device=device, bf16=bf16)
     except Exception as err:  # noqa: BLE001 - the other ranks must hear of it
         error = err
     group.raise_if_failed(error)
+    return G_eval
+
+
+def score(G: nn.Module, reference: ReferenceSet, *, num_classes: int, truncation: float = 0.0,
+          device: torch.device | str = "cpu", standing_stats: bool = True,
+          group: metrics.Collective = metrics.LOCAL, bf16: bool = False,
+          G_eval: nn.Module | None = None) -> dict[str, float]:
+    """evaluate_generator on a standing-statistics copy of G (sampled in bf16 if `bf16`; `G_eval`: one that
+    `shared_copy` made at this truncation), on every rank of `group` (each calls it): {'fid', 'is_mean', 'is_std',
+    'precision_<space>', 'recall_<space>'}, the same on every rank."""
+    ecfg = reference.ecfg
+    reference.prepare(group)
+    if G_eval is None:
+        G_eval = shared_copy(G, reference, truncation=truncation, device=device, standing_stats=standing_stats,
+                             group=group, bf16=bf16)
     return metrics.evaluate_generator(
         G_eval, num_classes=num_classes, dim_z=G_eval.dim_z, num_samples=ecfg.num_samples,
         batch_size=ecfg.batch_size, extractor=reference.extractor(), ref_stats=reference.reference(),
@@ -343,18 +357,20 @@ def score(G: nn.Module, reference: ReferenceSet, *, num_classes: int, truncation
 
 
 def cas(G: nn.Module, reference: ReferenceSet, *, num_classes: int, device: torch.device | str = "cpu",
-        bf16: bool = False) -> dict[str, float]:
+        bf16: bool = False, group: metrics.Collective = metrics.LOCAL,
+        G_eval: nn.Module | None = None) -> dict[str, float]:
     """{'cas', 'real_accuracy', 'cas_gap'}: a classifier like the dataset one (same epochs) trained on
-    eval.cas_samples class-balanced samples of a standing-statistics copy of G, and the dataset classifier, both
-    tested on the held-out real images. Deterministic: every rank that calls it gets the same numbers."""
+    eval.cas_samples class-balanced samples of a standing-statistics copy of G (`G_eval`: one that `shared_copy`
+    made without truncation), and the dataset classifier, both tested on the held-out real images. With a group
+    (every rank calls it) the ranks share the sampling; every rank gets the same numbers."""
     ecfg = reference.ecfg
-    G_eval = evaluation_copy(G, passes=ecfg.standing_stats_passes, batch_size=ecfg.batch_size, device=device,
-                             bf16=bf16)
+    if G_eval is None:
+        G_eval = shared_copy(G, reference, device=device, group=group, bf16=bf16)
     test_images, test_labels = reference.held_out()
     out = metrics.classification_accuracy_score(
         G_eval, num_classes=num_classes, dim_z=G_eval.dim_z, test_images=test_images, test_labels=test_labels,
         num_samples=ecfg.cas_samples, batch_size=ecfg.batch_size, device=device, seed=SEED,
-        train_kwargs=reference.classifier_train_kwargs(),
+        train_kwargs=reference.classifier_train_kwargs(), group=group,
     )
     out["real_accuracy"] = reference.real_accuracy()
     out["cas_gap"] = out["real_accuracy"] - out["cas"]
@@ -476,12 +492,17 @@ class Evaluator:
     def _score(self, step: int) -> dict[str, float]:
         t = self.trainer
         t0 = time.perf_counter()
+        self.reference.prepare(self.group)
+        G_eval = shared_copy(t.ema.model, self.reference, truncation=self.cfg.truncation, device=t.device,
+                             group=self.group, bf16=self.bf16)
         result = score(t.ema.model, self.reference, num_classes=t.cfg.model.num_classes,
-                       truncation=self.cfg.truncation, device=t.device, group=self.group, bf16=self.bf16)
+                       truncation=self.cfg.truncation, device=t.device, group=self.group, bf16=self.bf16,
+                       G_eval=G_eval)
         self._scored = (step, self.cfg.truncation, dict(result))
-        if self.cfg.cas_samples:  # every rank computes the same CAS (seeded), so no rank waits for another's
+        if self.cfg.cas_samples:  # the ranks share the sampling; each trains the same (seeded) classifier
             result |= cas(t.ema.model, self.reference, num_classes=t.cfg.model.num_classes, device=t.device,
-                          bf16=self.bf16)
+                          bf16=self.bf16, group=self.group,
+                          G_eval=G_eval if not self.cfg.truncation else None)  # CAS samples without truncation
         result["seconds"] = time.perf_counter() - t0
         self.latest = result
         return result

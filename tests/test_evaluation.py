@@ -207,7 +207,9 @@ def test_every_rank_evaluates_its_share_and_gets_the_one_process_metrics(tmp_pat
     cfg = tiny_config(tmp_path, shards, n, **{**FAST_EVAL, "eval.num_samples": 61, "eval.batch_size": 25,
                                               "eval.reference_images": 200, "eval.classifier_epochs": 12,
                                               "eval.every": 2, "train.checkpoint_every": 2,
-                                              "eval.truncation_sweep": "0.5", "eval.vgg16_weights": vgg16})
+                                              "eval.truncation_sweep": "0.5", "eval.vgg16_weights": vgg16,
+                                              # CAS too: 61 samples in batches of 25, drawn 25 + 36 by the ranks; each trains the classifier
+                                              "eval.cas_samples": 61, "eval.cas_test_images": 100})
     from pipeline.trainer import build_models
 
     torch.manual_seed(0)
@@ -215,7 +217,8 @@ def test_every_rank_evaluates_its_share_and_gets_the_one_process_metrics(tmp_pat
     G = eval_ranks.HalfRealG(build_models(cfg)[0], real)  # what both worlds evaluate; the ranks get it pickled
     one = eval_ranks.evaluate(eval_ranks.trainer_stub(cfg, 0, 1, copy.deepcopy(G), tmp_path / "work"))
     assert set(one["latest"]) == {"fid", "is_mean", "is_std", "precision_classifier", "recall_classifier",
-                                  "precision_vgg16", "recall_vgg16"}
+                                  "precision_vgg16", "recall_vgg16", "cas", "real_accuracy", "cas_gap"}
+    assert 0 <= one["latest"]["cas"] <= 1 and one["latest"]["real_accuracy"] > 0.5  # HalfRealG ignores y: CAS ~chance
     assert one["take"] == [one["fid"], None] and math.isfinite(one["fid"])
     metrics = one["latest"]
     assert metrics["is_mean"] > 1.1 and 0 < metrics["precision_classifier"] and 0 < metrics["recall_classifier"]

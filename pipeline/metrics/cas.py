@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.metrics.classifier import MAX_INPUT_SIZE, accuracy, train_classifier
+from pipeline.metrics.collective import LOCAL, Collective
 from pipeline.metrics.evaluate import generate
 
 
@@ -32,15 +33,21 @@ def classification_accuracy_score(
     seed: int = 0,
     real_classifier: nn.Module | None = None,  # trained on real training images (train_classifier)
     train_kwargs: dict[str, Any] | None = None,  # passed to train_classifier (epochs, lr, ...)
+    group: Collective = LOCAL,  # ranks that share the sampling; every one of them calls this
 ) -> dict[str, float]:
     """{'cas': accuracy on test_images of a classifier trained on G's samples, 'real_accuracy': ...}.
 
     'real_accuracy' (the real-data classifier's accuracy on the same test images) is present when
-    real_classifier is given.
+    real_classifier is given. With a group, each rank draws its share of the batches (sample i is the same
+    whoever draws it) and every rank trains the same classifier on all of them, so all get the same numbers.
     """
+    # whole batches per rank: each sample comes out of the same batch as in one process, so the classifier (which
+    # would amplify a last-bit difference) trains on exactly the same images
+    first, last = group.share(-(-num_samples // batch_size))
+    lo, hi = first * batch_size, min(last * batch_size, num_samples)
     images, labels = [], []
     batches = generate(G, num_classes=num_classes, dim_z=dim_z, num_samples=num_samples, batch_size=batch_size,
-                       truncation=truncation, device=device, seed=seed)
+                       truncation=truncation, device=device, seed=seed, start=lo, stop=hi)
     with contextlib.closing(batches):
         for x, y in batches:
             if x.shape[-1] > MAX_INPUT_SIZE:  # the classifier sees at most 64 px; keep memory small
@@ -48,6 +55,11 @@ def classification_accuracy_score(
             images.append(x.cpu())
             labels.append(y)
     fake_images, fake_labels = torch.cat(images), torch.cat(labels)
+    if group.distributed:
+        shape = fake_images.shape[1:]
+        rows = group.gather_rows(fake_images.flatten(1).numpy())
+        fake_images = torch.from_numpy(rows).reshape(-1, *shape)
+        fake_labels = torch.from_numpy(group.gather_rows(fake_labels.long().numpy()[:, None])[:, 0])
     clf = train_classifier(fake_images, fake_labels, num_classes, seed=seed, device=device, **(train_kwargs or {}))
     out = {"cas": accuracy(clf, test_images, test_labels)}
     if real_classifier is not None:
