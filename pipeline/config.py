@@ -124,6 +124,7 @@ class LossConfig:
     label_smoothing: float = bounded(0.0, ge=0, lt=1)  # one-sided: real targets become 1 - this (bce)
     label_flip: float = bounded(0.0, ge=0, lt=1)  # probability of flipping D's labels (bce)
     acgan_weight: float = bounded(1.0, ge=0)  # weight of the auxiliary classification loss (d_head=acgan)
+    mode_seeking: float = bounded(0.0, ge=0)  # weight of MSGAN's mode-seeking term in the G step (same-class pairs); 0 = off
 
 
 @dataclass

@@ -122,6 +122,30 @@ def acgan_loss(class_logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(class_logits.float(), labels.long())
 
 
+def mode_seeking_penalty(images: Tensor, z: Tensor, eps: float = 1e-5) -> Tensor:
+    """Mode-seeking regularizer (Mao et al. 2019, MSGAN): 1 / (mean |x1 - x2| / mean |z1 - z2|), where the batch's
+    two halves are pairs with the same labels. G minimizes it: two latents of one class may not give one image.
+
+    The ratio is bounded below by `eps` so a collapsed pair gives a large but finite penalty.
+    """
+    half = images.shape[0] // 2
+    if half == 0:
+        raise ValueError("mode_seeking_penalty needs a batch of at least 2 (pairs of images)")
+    x1, x2 = images[:half].float(), images[half : 2 * half].float()
+    z1, z2 = z[:half].float(), z[half : 2 * half].float()
+    ratio = (x1 - x2).abs().mean() / (z1 - z2).abs().mean().clamp_min(eps)
+    return 1.0 / (ratio + eps)
+
+
+def paired_labels(y: Tensor) -> Tensor:
+    """Labels whose second half repeats the first, the pairs `mode_seeking_penalty` compares (odd batch: the last
+    sample keeps its own label)."""
+    half = y.shape[0] // 2
+    out = y.clone()
+    out[half : 2 * half] = y[:half]
+    return out
+
+
 def r1_penalty(real_logits: Tensor, real_images: Tensor) -> Tensor:
     """Mean over the batch of ||grad_x D(x)||^2 on real images (Mescheder et al. 2018); needs x.requires_grad."""
     (grad,) = torch.autograd.grad(real_logits.sum(), real_images, create_graph=True)

@@ -236,10 +236,16 @@ class Trainer:
         self.D.requires_grad_(False)
         for micro in range(self.accum):
             z, y = self.sample_latents(self.cfg.data.batch_size)
+            if self.cfg.loss.mode_seeking > 0:
+                y = losses.paired_labels(y)
             x_fake = self.g_engine(z, y)
             logits, class_logits = self.d_forward(self.d_inputs(x_fake), y)
             loss = losses.g_loss(self.cfg.loss.kind, logits.float())
             parts = {"g_loss": loss.detach()}
+            if self.cfg.loss.mode_seeking > 0:
+                ms = losses.mode_seeking_penalty(x_fake, z)
+                loss = loss + self.cfg.loss.mode_seeking * ms
+                parts["mode_seeking"] = ms.detach()
             if class_logits is not None:
                 loss = loss + self.cfg.loss.acgan_weight * tricks.acgan_loss(class_logits.float(), y)
             if self.cfg.loss.ortho_beta > 0:

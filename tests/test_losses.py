@@ -17,6 +17,8 @@ from pipeline.losses import (
     d_loss,
     g_loss,
     gradient_penalty,
+    mode_seeking_penalty,
+    paired_labels,
     r1_penalty,
 )
 
@@ -243,3 +245,25 @@ def test_other_meaningless_combinations_are_refused():
     with pytest.raises(ConfigError, match="loss.kind"):
         check_combination(_cfg(kind="lsgan"))
     check_combination(RunConfig())
+
+
+def test_mode_seeking_penalty_is_large_for_a_collapsed_pair_and_small_for_distinct_images():
+    torch.manual_seed(0)
+    z = torch.randn(8, 16)
+    same = torch.rand(4, 1, 8, 8).repeat(2, 1, 1, 1)  # each image of the first half repeated in the second
+    distinct = torch.rand(8, 1, 8, 8)
+    collapsed, spread = mode_seeking_penalty(same, z), mode_seeking_penalty(distinct, z)
+    assert collapsed > 1e4 and spread < 10 and torch.isfinite(collapsed)
+    # the gradient pushes the pairs apart: a step against it raises the images' distance
+    x = distinct.clone().requires_grad_(True)
+    mode_seeking_penalty(x, z).backward()
+    moved = (x - 0.1 * x.grad).detach()
+    assert (moved[:4] - moved[4:]).abs().mean() > (distinct[:4] - distinct[4:]).abs().mean()
+    with pytest.raises(ValueError, match="at least 2"):
+        mode_seeking_penalty(distinct[:1], z[:1])
+
+
+def test_paired_labels_repeat_the_first_half_and_leave_the_input_alone():
+    y = torch.tensor([3, 1, 4, 1, 5, 9, 2])
+    assert paired_labels(y).tolist() == [3, 1, 4, 3, 1, 4, 2]
+    assert y.tolist() == [3, 1, 4, 1, 5, 9, 2]

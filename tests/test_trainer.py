@@ -1,5 +1,7 @@
 """The trainer in one process on real shards: step ratio, R1, accumulation, checkpoints, exact resume."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -182,3 +184,17 @@ def test_the_eta_is_the_steady_pace_not_the_first_iterations_compilation(tmp_pat
     assert h * 3600 + m * 60 + s < 15, lines[0]  # at the raw pace of the window: 4 x (15 s + 3 steps) / 4 > 15 s
     assert eta_seconds(10, 12.0, 4, warmup_s=9.0) == pytest.approx(10.0)
     assert eta_seconds(10, 12.0, 4) == pytest.approx(30.0) and eta_seconds(10, 12.0, 1, warmup_s=9.0) == 120.0
+
+
+def test_the_mode_seeking_term_trains_on_same_class_pairs_and_is_logged(tmp_path, digits_shards):
+    shards, n = digits_shards
+    cfg = tiny_config(tmp_path, shards, n, **{"loss.mode_seeking": 1.0, "train.steps": 2})
+    trainer = make_trainer(cfg, tmp_path)
+    seen = []
+    g_forward = trainer.g_engine.forward
+    trainer.g_engine.forward = lambda z, y: seen.append(y.clone()) or g_forward(z, y)
+    assert trainer.fit()["status"] == "finished"
+    assert seen and all(torch.equal(y[:4], y[4:8]) for y in seen)  # batch 8: four same-class pairs
+    trainer.train_iteration()
+    ms = trainer.take_metrics()["mode_seeking"]
+    assert math.isfinite(ms) and ms > 0

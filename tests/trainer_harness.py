@@ -28,7 +28,7 @@ def tiny_config(tmp_path, shards: str, num_classes: int, **overrides) -> C.RunCo
     cfg.data.batch_size, cfg.train.global_batch, cfg.cluster.num_workers = 8, 8, 1
     cfg.data.backend = "wds"
     # the demo's recipe before session 8: the trajectories the tests' thresholds were set on
-    cfg.optim.g_lr, cfg.optim.d_lr, cfg.data.diffaug = 2e-4, 2e-4, ""
+    cfg.optim.g_lr, cfg.optim.d_lr, cfg.data.diffaug, cfg.loss.mode_seeking = 2e-4, 2e-4, "", 0.0
     cfg.train.output_dir = str(tmp_path / "out")
     cfg.train.log_every, cfg.train.sample_every, cfg.train.checkpoint_every = 2, 1000, 1000
     cfg.health.enabled = False
