@@ -407,6 +407,11 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"train.global_batch: {cfg.train.global_batch} is not a multiple of data.batch_size x "
             f"cluster.num_workers = {per_step}; gradient accumulation needs a whole number of micro-steps"
         )
+    if cfg.loss.mode_seeking > 0 and cfg.data.batch_size < 2:
+        raise ConfigError(
+            f"loss.mode_seeking: {cfg.loss.mode_seeking} needs data.batch_size >= 2 (it compares pairs of one micro-batch); "
+            f"data.batch_size is {cfg.data.batch_size}. Set loss.mode_seeking=0 or a larger batch"
+        )
     if cfg.model.attention is not None and cfg.model.attention not in (0, 8, 16, 32, 64, 128, 256, 512):
         raise ConfigError(f"model.attention: {cfg.model.attention} is not a power-of-two resolution or 0")
     if (cfg.model.attention or 0) > cfg.model.resolution:

@@ -52,6 +52,7 @@ def test_overrides_are_typed():
         ("health.mitigation=halve_lr,pray", "health.mitigation: 'pray' is not one of"),
         ("train.global_batch=100", "train.global_batch: 100 is not a multiple of"),
         ("loss.label_smoothing=0.1", "only apply to loss.kind='bce'"),
+        ("data.batch_size=1", "loss.mode_seeking: 0.5 needs data.batch_size >= 2"),
     ],
 )
 def test_bad_fields_are_named(override, message):
