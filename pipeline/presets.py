@@ -74,8 +74,8 @@ def demo() -> RunConfig:
     cfg.loss.mode_seeking = 0.5
     cfg.optim.zero_stage = 0
     cfg.ema.decay, cfg.ema.start_step = 0.99, 100  # a short run: average the last ~100 steps, not ~1000
-    # aimed at 10 minutes on 2 cores after installation; measured on a fresh clone 12.3 min on the Xeon and 13.2 on
-    # the EPYC (bench/RESULTS.md, "The demo as a user runs it" and "Session 8")
+    # aimed at 10 minutes on 2 cores after installation; measured on a fresh clone 12.3 min on the Xeon, 13.2 on an
+    # older EPYC and 6.1 on a Zen 5 EPYC (bench/RESULTS.md, "The demo as a user runs it", "Session 8", "Session 11")
     cfg.train.steps, cfg.train.global_batch = 450, 64
     cfg.train.log_every, cfg.train.sample_every, cfg.train.checkpoint_every = 25, 150, 225
     cfg.cluster.num_workers, cfg.cluster.use_gpu, cfg.cluster.max_failures = 2, False, 1
