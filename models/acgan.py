@@ -6,7 +6,10 @@
 and returns (adv_logits (N,), class_logits (N, num_classes)) from one forward pass. A projection
 discriminator's class embedding (`embed`) is removed from the wrapped D: the classifier replaces it, and weights
 that never get a gradient would only confuse optimizers and data-parallel engines. The AC loss is
-`pipeline.losses.acgan_loss`. DCGAN's D qualifies; BigGAN's D needs a `features(x)` method first.
+`pipeline.losses.acgan_loss`. DCGAN's and BigGAN's D qualify.
+
+With `projection=True` the wrapped D keeps its projection term and the classifier is added beside it
+(model.d_head='projection+acgan'): the adversarial logit is then the projection D's own, class-aware one.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ logger = logging.getLogger(__name__)
 
 
 class ACGANDiscriminator(nn.Module):
-    """D(x, y) -> (adv_logits, class_logits). y is accepted for the common D(x, y) call shape and not used."""
+    """D(x, y) -> (adv_logits, class_logits). y is used only by a kept projection term (projection=True)."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int | None = None) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int | None = None, projection: bool = False) -> None:
         super().__init__()
         missing = [name for name in ("features", "linear") if not hasattr(backbone, name)]
         if missing:
@@ -37,7 +40,10 @@ class ACGANDiscriminator(nn.Module):
         num_classes = getattr(backbone, "num_classes", None) if num_classes is None else num_classes
         if num_classes is None or num_classes < 2:
             raise ValueError(f"AC-GAN needs at least 2 classes, got num_classes={num_classes}")
-        if getattr(backbone, "embed", None) is not None:
+        if projection and getattr(backbone, "embed", None) is None:
+            raise ValueError(f"{type(backbone).__name__} has no projection embedding to keep beside the AC-GAN head")
+        self.projection = projection
+        if not projection and getattr(backbone, "embed", None) is not None:
             logger.info("AC-GAN head: removing %s's projection embedding", type(backbone).__name__)
             backbone.embed = None
             if hasattr(backbone, "conditioning"):
@@ -52,4 +58,7 @@ class ACGANDiscriminator(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         h = self.backbone.features(x)
-        return self.backbone.linear(h).squeeze(1), self.classifier(h)
+        adv = self.backbone.linear(h).squeeze(1)
+        if self.projection:
+            adv = adv + (self.backbone.embed(y.long()) * h).sum(1)
+        return adv, self.classifier(h)

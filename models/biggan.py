@@ -165,15 +165,22 @@ class Discriminator(nn.Module):
             if stage.attention:
                 layers.append(Attention(stage.out_channels, sn_itrs=cfg.num_sv_itrs, sn_eps=cfg.sn_eps))
             self.blocks.append(nn.ModuleList(layers))
-        feat = stages[-1].out_channels
-        self.linear = SNLinear(feat, 1, **sn)
-        self.embed = SNEmbedding(cfg.num_classes, feat, **sn)
+        self.feature_dim = stages[-1].out_channels
+        self.linear = SNLinear(self.feature_dim, 1, **sn)
+        self.embed = SNEmbedding(cfg.num_classes, self.feature_dim, **sn)
         orthogonal_init_(self)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate (N, feature_dim) features: the blocks' output, ReLU'd and summed over space."""
         h = x
         for stage in self.blocks:
             for layer in stage:
                 h = layer(h)
-        h = torch.sum(F.relu(h), dim=(2, 3))
-        return self.linear(h).squeeze(1) + torch.sum(self.embed(y) * h, dim=1)
+        return torch.sum(F.relu(h), dim=(2, 3))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        out = self.linear(h).squeeze(1)
+        if self.embed is not None:  # None under an AC-GAN head that replaces the projection
+            out = out + torch.sum(self.embed(y) * h, dim=1)
+        return out

@@ -83,7 +83,7 @@ class ModelConfig:
     sn_eps: float = bounded(1e-6, gt=0)
     num_sv_itrs: int = bounded(1, ge=1)  # power iterations per training forward
     d_spectral_norm: bool = True  # false: D trains on raw weights (an ablation; sigma0 is still read). BigGAN only
-    d_head: str = "projection"  # projection | acgan (auxiliary classifier; dcgan)
+    d_head: str = "projection"  # projection | acgan (auxiliary classifier instead) | projection+acgan (both)
     d_norm: str = "batch"  # dcgan D normalization: batch | layer | none (WGAN-GP needs layer or none)
     d_conditioning: str = "projection"  # dcgan D conditioning: projection | concat
     cross_replica_bn: bool = False  # G's batch statistics over all ranks, per micro-batch (pipeline/cross_replica.py)
@@ -268,7 +268,7 @@ class RunConfig:
 CHOICES: dict[str, tuple] = {
     "model.arch": ("biggan", "biggan-deep", "dcgan"),
     "model.resolution": (32, 64, 128, 256, 512),
-    "model.d_head": ("projection", "acgan"),
+    "model.d_head": ("projection", "acgan", "projection+acgan"),
     "model.d_norm": ("batch", "layer", "none"),
     "model.d_conditioning": ("projection", "concat"),
     "tricks.z_dist": ("normal", "uniform"),

@@ -27,7 +27,9 @@ D_STEPS_RECOMMENDED = {"hinge": 2, "bce": 1, "wgan-gp": 5}
 # The norm a DCGAN discriminator gets when ModelConfig has no `d_norm` field (classic DCGAN: BatchNorm).
 DCGAN_D_NORM_DEFAULT = "batch"
 # Archs whose D exposes features(x) and `linear`, which models.acgan.ACGANDiscriminator needs.
-ACGAN_ARCHS = ("dcgan",)
+ACGAN_ARCHS = ("dcgan", "biggan")
+# model.d_head values with models.acgan's classifier: alone, or beside the projection term.
+ACGAN_HEADS = ("acgan", "projection+acgan")
 
 
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
@@ -180,8 +182,8 @@ def check_combination(cfg: Any) -> None:
     - loss.kind='wgan-gp' with a BatchNorm critic: the penalty is a per-sample gradient norm, and BatchNorm
       makes each sample's output depend on the whole batch (Gulrajani et al. 2017, sec. 4). For arch 'dcgan'
       the critic's norm is `model.d_norm` (BatchNorm when the field is absent).
-    - model.d_head='acgan' only for archs whose D exposes its features (ACGAN_ARCHS), with loss.acgan_weight > 0,
-      and with labels (model.num_classes != 1).
+    - model.d_head='acgan' / 'projection+acgan' only for archs whose D exposes its features (ACGAN_ARCHS), with
+      loss.acgan_weight > 0, with labels (model.num_classes != 1), and the latter with a projection D.
     """
     loss, model = cfg.loss, cfg.model
     if loss.kind not in LOSSES:
@@ -204,16 +206,22 @@ def check_combination(cfg: Any) -> None:
                 "per sample and BatchNorm couples the samples of a batch; use model.d_norm='layer' (or 'none'), "
                 "or loss.kind='hinge'/'bce' to keep BatchNorm in D"
             )
-    if getattr(model, "d_head", "projection") == "acgan":
+    head = getattr(model, "d_head", "projection")
+    if head in ACGAN_HEADS:
         if model.arch not in ACGAN_ARCHS:
             raise ConfigError(
-                f"model.d_head='acgan' is not available for model.arch={model.arch!r}: its D does not expose "
+                f"model.d_head={head!r} is not available for model.arch={model.arch!r}: its D does not expose "
                 f"features(x) yet; use model.d_head='projection' or model.arch in {list(ACGAN_ARCHS)}"
             )
         if loss.acgan_weight <= 0:
             raise ConfigError(
-                f"loss.acgan_weight={loss.acgan_weight}: model.d_head='acgan' needs a positive weight for the "
+                f"loss.acgan_weight={loss.acgan_weight}: model.d_head={head!r} needs a positive weight for the "
                 "auxiliary classification loss; use model.d_head='projection' to train without it"
             )
         if model.num_classes == 1:
-            raise ConfigError("model.d_head='acgan' with model.num_classes=1: nothing to classify; use 'projection'")
+            raise ConfigError(f"model.d_head={head!r} with model.num_classes=1: nothing to classify; use 'projection'")
+        if head == "projection+acgan" and model.arch == "dcgan" and getattr(model, "d_conditioning", "") != "projection":
+            raise ConfigError(
+                f"model.d_head='projection+acgan' needs model.d_conditioning='projection', not "
+                f"{model.d_conditioning!r}: it keeps D's projection term beside the classifier"
+            )

@@ -60,8 +60,8 @@ def build_models(cfg: RunConfig):
     D = models.build_discriminator(m.arch, m.resolution, m.num_classes, **d_kw)
     if not m.d_spectral_norm:
         set_spectral_norm(D, False)
-    if m.d_head == "acgan":
-        D = tricks.ACGANDiscriminator(D, m.num_classes)
+    if m.d_head in losses.ACGAN_HEADS:
+        D = tricks.ACGANDiscriminator(D, m.num_classes, projection=m.d_head == "projection+acgan")
     return G, D
 
 

@@ -126,3 +126,27 @@ def test_standing_stats_work_on_dcgan_generator():
     before = first_bn.running_var.clone()
     standing_stats(g, num_passes=2, batch_size=8, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(before, first_bn.running_var) and g.training
+
+
+@pytest.mark.parametrize("projection", [False, True], ids=["acgan", "projection+acgan"])
+def test_biggan_discriminator_takes_an_acgan_head_alone_or_beside_its_projection(projection):
+    torch.manual_seed(0)
+    d = ACGANDiscriminator(build_discriminator("biggan", 32, 10, ch=8, attention=0), projection=projection)
+    assert (d.backbone.embed is not None) == projection
+    x = torch.randn(4, 3, 32, 32)
+    d.eval()  # spectral norm's power iteration would move between the two calls
+    adv, cls = d(x, torch.tensor([0, 3, 5, 9]))
+    adv_other_labels, cls_other_labels = d(x, torch.tensor([1, 1, 1, 1]))
+    assert adv.shape == (4,) and cls.shape == (4, 10)
+    assert torch.equal(cls, cls_other_labels)  # the classifier reads the image, never the label
+    # the kept projection makes the adversarial logit class-aware; without it D's logit ignores y
+    assert torch.allclose(adv, adv_other_labels) != projection
+    d.train()
+    adv, cls = d(x, torch.tensor([0, 3, 5, 9]))
+    (adv.mean() + acgan_loss(cls, torch.tensor([0, 3, 5, 9]))).backward()
+    assert all(p.grad is not None for p in d.parameters())  # every weight trains, the embedding included
+
+
+def test_projection_acgan_head_needs_a_projection_to_keep():
+    with pytest.raises(ValueError, match="no projection embedding to keep"):
+        ACGANDiscriminator(DCGANDiscriminator(32, 10, ch=8, conditioning="none"), projection=True)

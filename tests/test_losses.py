@@ -234,13 +234,20 @@ def test_other_meaningless_combinations_are_refused():
     with pytest.raises(ConfigError, match="loss.gp_lambda"):
         check_combination(_cfg(kind="wgan-gp", gp_lambda=0.0))
     cfg = _cfg(acgan_weight=0.0)
-    cfg.model.d_head = "acgan"
-    with pytest.raises(ConfigError, match=r"model.d_head='acgan' is not available for model.arch='biggan'"):
+    cfg.model.d_head, cfg.model.arch = "acgan", "biggan-deep"
+    with pytest.raises(ConfigError, match=r"model.d_head='acgan' is not available for model.arch='biggan-deep'"):
         check_combination(cfg)
     cfg.model.arch = "dcgan"
     with pytest.raises(ConfigError, match="loss.acgan_weight"):
         check_combination(cfg)
     cfg.loss.acgan_weight = 1.0
+    check_combination(cfg)
+    cfg.model.d_head, cfg.model.d_conditioning = "projection+acgan", "concat"
+    with pytest.raises(ConfigError, match=r"'projection\+acgan' needs model.d_conditioning='projection', not 'concat'"):
+        check_combination(cfg)
+    cfg.model.d_conditioning = "projection"
+    check_combination(cfg)
+    cfg.model.arch = "biggan"
     check_combination(cfg)
     with pytest.raises(ConfigError, match="loss.kind"):
         check_combination(_cfg(kind="lsgan"))

@@ -121,7 +121,8 @@ def test_a_finished_run_writes_a_labelled_final_grid_and_an_interpolation_sheet(
      "loss.ortho_beta": 0.0, "tricks.z_dist": "uniform"},
     {"model.arch": "dcgan", "model.d_head": "acgan", "model.d_norm": "none", "loss.kind": "hinge",
      "loss.ortho_beta": 0.0},
-], ids=["dcgan-bce-tricks", "wgan-gp", "acgan"])
+    {"model.d_head": "projection+acgan"},
+], ids=["dcgan-bce-tricks", "wgan-gp", "acgan", "biggan-projection+acgan"])
 def test_classic_gans_and_tricks_train_with_health_checks(tmp_path, digits_shards, preset_overrides):
     shards, n = digits_shards
     cfg = tiny_config(tmp_path, shards, n, **{"model.g_ch": 8, "model.d_ch": 8, "health.enabled": True,
@@ -135,7 +136,7 @@ def test_classic_gans_and_tricks_train_with_health_checks(tmp_path, digits_shard
     expected = {"wgan-gp": "gp", "bce": "d_label_flip_frac"}.get(cfg.loss.kind)
     if expected:
         assert expected in trainer._sums
-    if cfg.model.d_head == "acgan":
+    if cfg.model.d_head != "projection":
         assert "d_acgan" in trainer._sums
     if cfg.model.d_norm == "batch":
         assert trainer.d_has_batchnorm
