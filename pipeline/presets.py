@@ -72,9 +72,9 @@ def demo() -> RunConfig:
     # 0.85 / 0.77 and the CAS gap 15.3 / 16.8 -> 12.4 / 13.4 points; weight 1 doubled the gap's spread, 2 hurt
     # (bench/RESULTS.md, "Session 11")
     cfg.loss.mode_seeking = 0.5
-    # an AC-GAN classifier beside D's projection: over two seeds FID 10.0 / 10.5 -> 7.9 / 7.3 and the CAS gap 12.4 /
-    # 13.4 -> 10.4 / 10.4 points; the classifier instead of the projection: FID 11.1, gap 16.3 (bench/RESULTS.md,
-    # "Session 12")
+    # an AC-GAN classifier beside D's projection: one rank, two seeds, FID 10.0 / 10.5 -> 7.9 / 7.3 and the CAS gap
+    # 12.4 / 13.4 -> 10.4 / 10.4 points; in the two-worker demo FID 14.5 -> 8.5, the gap unchanged (13.3); the
+    # classifier instead of the projection: FID 11.1, gap 16.3 (bench/RESULTS.md, "Session 12")
     cfg.model.d_head, cfg.loss.acgan_weight = "projection+acgan", 1.0
     cfg.optim.zero_stage = 0
     cfg.ema.decay, cfg.ema.start_step = 0.99, 100  # a short run: average the last ~100 steps, not ~1000
