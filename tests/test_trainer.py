@@ -138,7 +138,7 @@ def test_classic_gans_and_tricks_train_with_health_checks(tmp_path, digits_shard
         assert expected in trainer._sums
     if cfg.model.d_head != "projection":
         assert "d_acgan" in trainer._sums
-    if cfg.model.d_norm == "batch":
+    if cfg.model.arch == "dcgan" and cfg.model.d_norm == "batch":  # d_norm is DCGAN's; BigGAN's D has no BatchNorm
         assert trainer.d_has_batchnorm
     if cfg.tricks.replay_size:
         assert len(trainer.replay) > 0 and "tricks/replay_size" in trainer.trick_metrics()
