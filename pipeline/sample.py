@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from pipeline import networks
 from pipeline.config import RunConfig, from_dict
 from pipeline.metrics.evaluate import truncated_normal
 from pipeline.snapshot import safe_load
@@ -165,14 +166,8 @@ def read_checkpoint(source: str | os.PathLike, *, tracking_uri: str | None = Non
 
 
 def build_generator(cfg: RunConfig, num_classes: int) -> nn.Module:
-    """G as the trainer builds it from config.model (g_ch -> ch, the rest by name)."""
-    import models
-
-    m = cfg.model
-    return models.build_generator(
-        m.arch, m.resolution, num_classes, ch=m.g_ch, dim_z=m.dim_z, shared_dim=m.shared_dim, hier=m.hier,
-        depth=m.depth, attention=m.attention, bn_eps=m.bn_eps, sn_eps=m.sn_eps, num_sv_itrs=m.num_sv_itrs,
-    )
+    """G as the trainer builds it from config.model."""
+    return networks.generator(cfg, num_classes)
 
 
 def load_generator(source: str | os.PathLike, *, device: str | torch.device = "cpu",

@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import models
 from models.layers import StatsBatchNorm
 from models.regularization import orthogonal_penalty
-from models.spectral import SpectralNorm, first_layer_sigma0, set_spectral_norm, sigma0s
+from models.spectral import SpectralNorm, first_layer_sigma0, sigma0s
 from pipeline import drills, losses, preemption, tricks
 from pipeline.augment import augment_generator, diff_augment
 from pipeline.checkpoint import CheckpointInfo, CheckpointStore
@@ -31,6 +30,7 @@ from pipeline.ema import EMA
 from pipeline.engines import build_engines, fp32_master_slices
 from pipeline.finetune import init_generator_from
 from pipeline.health import HealthMonitor
+from pipeline.networks import build_models
 from pipeline.performance import resolve
 from pipeline.placement import check_placement
 from pipeline.preemption import StopAgreement
@@ -42,27 +42,6 @@ log = logging.getLogger(__name__)
 
 SAMPLE_CLASSES = 10  # classes in the fixed sample grid
 SAMPLES_PER_CLASS = 8
-
-
-def build_models(cfg: RunConfig):
-    m = cfg.model
-    g_kw = {"ch": m.g_ch, "dim_z": m.dim_z, "shared_dim": m.shared_dim, "bn_eps": m.bn_eps}
-    d_kw = {"ch": m.d_ch}
-    if m.arch == "dcgan":
-        d_kw |= {"norm": m.d_norm, "conditioning": "none" if m.d_head == "acgan" else m.d_conditioning}
-    else:
-        spectral = {"sn_eps": m.sn_eps, "num_sv_itrs": m.num_sv_itrs, "depth": m.depth}
-        if m.attention is not None:  # None: where the paper puts it for this arch and resolution
-            spectral["attention"] = m.attention
-        g_kw |= {"hier": m.hier, **spectral}
-        d_kw |= spectral
-    G = models.build_generator(m.arch, m.resolution, m.num_classes, **g_kw)
-    D = models.build_discriminator(m.arch, m.resolution, m.num_classes, **d_kw)
-    if not m.d_spectral_norm:
-        set_spectral_norm(D, False)
-    if m.d_head in losses.ACGAN_HEADS:
-        D = tricks.ACGANDiscriminator(D, m.num_classes, projection=m.d_head == "projection+acgan")
-    return G, D
 
 
 def eta_seconds(remaining_steps: int, elapsed_s: float, iters: int, warmup_s: float = 0.0) -> float:
