@@ -120,7 +120,7 @@ def _allreduce_worker(rank: int, world: int, port: int, backend: str, sizes: lis
         torch.cuda.set_device(rank)
     device = torch.device(f"cuda:{rank}" if cuda else "cpu")
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+                            timeout=datetime.timedelta(seconds=120), device_id=device if cuda else None)
     try:
         rows = []
         for nbytes in sizes:

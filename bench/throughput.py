@@ -309,7 +309,10 @@ def init_process_group(device: torch.device) -> bool:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
                        "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    if device.type == "cuda":  # device_id: NCCL binds the GPU now instead of guessing it at the first collective
+        dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", device.index or 0))
+    else:
+        dist.init_process_group("gloo", rank=0, world_size=1)
     return True
 
 

@@ -33,32 +33,40 @@ __all__ = ["CrossReplicaSum", "install_cross_replica_bn", "remove_cross_replica_
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """Sum over the group; the gradient of each rank's input is the sum of every rank's output gradient."""
+    """Sum over the group; the gradient of each rank's input is the sum of every rank's output gradient.
+
+    Functional collectives rather than ``dist.all_reduce``: torch.compile traces them into the graph, so G's
+    forward stays one graph (an eager collective inside the block loop made dynamo skip the whole forward and
+    compile each batch norm alone; found by the H200 check, bench/RESULTS.md "GPU paths").
+    """
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
+    def forward(ctx, tensor: torch.Tensor, group_name: str) -> torch.Tensor:
+        ctx.group_name = group_name
+        return _sum(tensor, group_name)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
+        return _sum(grad.contiguous(), ctx.group_name), None
+
+
+def _sum(tensor: torch.Tensor, group_name: str) -> torch.Tensor:
+    ops = torch.ops._c10d_functional
+    return ops.wait_tensor(ops.all_reduce(tensor, "sum", group_name))
 
 
 class CrossReplicaSum:
-    """A ``BatchStats`` function: fp32 local sums -> the sums over ``group`` (None: the default group)."""
+    """A ``BatchStats`` function: fp32 local sums -> the sums over ``group`` (None: the default group).
+
+    Build it after the process group exists.
+    """
 
     def __init__(self, group=None) -> None:
         self.group = group
+        self.group_name = (group if group is not None else dist.group.WORLD).group_name
 
-    # NOTE: a graph break for torch.compile: the collective runs eagerly, the layers around it compiled
-    @torch.compiler.disable
     def __call__(self, local_sums: torch.Tensor) -> torch.Tensor:
-        return _AllReduceSum.apply(local_sums.float(), self.group)
+        return _AllReduceSum.apply(local_sums.float(), self.group_name)
 
     def __deepcopy__(self, memo) -> None:
         # copies of G normalize locally (see the module docstring)
