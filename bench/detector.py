@@ -60,7 +60,7 @@ BASE = {
     "data.backend": "wds", "train.precision": "auto", "train.channels_last": "auto", "train.log_every": 5,
     "train.checkpoint_every": 25, "train.keep_last": 100, "train.sample_every": 100000,
     "optim.g_lr": 8e-4, "optim.d_lr": 8e-4, "train.compile": False, "data.diffaug": "", "loss.mode_seeking": 0.0,
-    "model.d_head": "projection",
+    "model.d_head": "projection", "data.flip": True,
     "health.enabled": True, "health.every": 5, "health.max_rollbacks": 3,
     "eval.reference_images": 5000, "eval.classifier_epochs": 5,
     "eval.every": 0, "eval.truncation_sweep": "",  # the offline measure below judges quality; no FID/CAS runs

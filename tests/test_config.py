@@ -31,9 +31,9 @@ def test_paper_settings_are_the_imagenet128_defaults():
 
 
 def test_overrides_are_typed():
-    cfg = C.apply_overrides(get_preset("demo"), ["train.steps=1_000", "data.flip=false", "optim.g_lr=3e-4",
+    cfg = C.apply_overrides(get_preset("demo"), ["train.steps=1_000", "data.flip=true", "optim.g_lr=3e-4",
                                                  "model.g_ch=none", "tracking.run_name=x"])
-    assert cfg.train.steps == 1000 and cfg.data.flip is False and cfg.optim.g_lr == 3e-4
+    assert cfg.train.steps == 1000 and cfg.data.flip is True and cfg.optim.g_lr == 3e-4
     assert cfg.model.g_ch is None and cfg.tracking.run_name == "x"
 
 

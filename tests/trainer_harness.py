@@ -29,7 +29,7 @@ def tiny_config(tmp_path, shards: str, num_classes: int, **overrides) -> C.RunCo
     cfg.data.backend = "wds"
     # the demo's recipe before session 8: the trajectories the tests' thresholds were set on
     cfg.optim.g_lr, cfg.optim.d_lr, cfg.data.diffaug, cfg.loss.mode_seeking = 2e-4, 2e-4, "", 0.0
-    cfg.model.d_head = "projection"
+    cfg.model.d_head, cfg.data.flip = "projection", True
     cfg.train.output_dir = str(tmp_path / "out")
     cfg.train.log_every, cfg.train.sample_every, cfg.train.checkpoint_every = 2, 1000, 1000
     cfg.health.enabled = False
