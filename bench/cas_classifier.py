@@ -10,6 +10,11 @@ them, as in the demo. Each --variant trains `train_classifier` on the samples (s
 the real images (src=real), optionally with every other image mirrored (flip=1), with any other keyword of
 `train_classifier` (epochs, max_shift, lr, width, ...). It prints one JSON line per variant: the held-out
 accuracy, the seconds it took and, for samples, the gap in points to the first src=real variant before it.
+
+--per-class adds, per class name, the held-out accuracy (`per_class`) and the two classes its held-out images are
+most often mistaken for (`confused_with`); and, on the first src=real variant, `fidelity`: that classifier's
+accuracy on the samples of each class (low where G draws one class looking like another). Read together they
+tell a class G draws wrongly (low fidelity) from one it draws too narrowly (high fidelity, low CAS).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.evaluation import evaluation_copy, real_images  # noqa: E402
-from pipeline.metrics.classifier import accuracy, train_classifier  # noqa: E402
+from pipeline.metrics.classifier import predict_logits, train_classifier  # noqa: E402
 from pipeline.metrics.evaluate import generate  # noqa: E402
 from pipeline.performance import native_bf16  # noqa: E402
 from pipeline.sample import load_generator  # noqa: E402
@@ -49,6 +54,22 @@ def parse_variant(text: str) -> dict:
     return out
 
 
+def class_accuracies(predicted: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """{class name: share of that class's images predicted as it}, for the classes present."""
+    return {name: round((predicted[labels == k] == k).float().mean().item(), 4)
+            for k, name in enumerate(names) if (labels == k).any()}
+
+
+def per_class_rows(predicted: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict:
+    """{'per_class': accuracies, 'confused_with': {name: [the two most frequent wrong predictions]}}."""
+    confused = {}
+    for k, name in enumerate(names):
+        counts = torch.bincount(predicted[labels == k], minlength=len(names))
+        counts[k] = 0
+        confused[name] = [names[j] for j in counts.argsort(descending=True)[:2].tolist() if counts[j] > 0]
+    return {"per_class": class_accuracies(predicted, labels, names), "confused_with": confused}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="a g_ema.pt (or a checkpoint folder) that pipeline.sample reads")
@@ -57,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test", type=int, default=2000, help="held-out real images (default 2000)")
     ap.add_argument("--variant", type=parse_variant, action="append", required=True)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--per-class", action="store_true", help="accuracy, confusions and fidelity per class")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     bf16 = native_bf16(torch.device("cpu"))
@@ -80,10 +102,15 @@ def main(argv: list[str] | None = None) -> int:
             x[::2] = x[::2].flip(-1)
         t = time.time()
         clf = train_classifier(x, y, num_classes, seed=0, bf16=bf16, **kw)
-        acc = accuracy(clf, hx, hy)
+        predicted = predict_logits(clf, hx).argmax(1)
+        acc = (predicted == hy).float().mean().item()
+        row = {**variant, "accuracy": acc, "seconds": round(time.time() - t, 1)}
+        if args.per_class:
+            row.update(per_class_rows(predicted, hy, names))
+            if src == "real" and real_acc is None:
+                row["fidelity"] = class_accuracies(predict_logits(clf, fx).argmax(1), fy, names)
         if src == "real" and real_acc is None:
             real_acc = acc
-        row = {**variant, "accuracy": acc, "seconds": round(time.time() - t, 1)}
         if real_acc is not None and src == "fake":
             row["gap_points"] = round(100 * (real_acc - acc), 1)
         print(json.dumps(row), flush=True)

@@ -185,11 +185,18 @@ def test_cas_classifier_trains_on_samples_and_on_real_images_and_reports_the_gap
     torch.save({"g_ema_state": G.state_dict(), "config": cfg.to_dict(),
                 "class_names": [str(i) for i in range(num_classes)], "step": 1}, ckpt)
     proc = run_script("cas_classifier.py", str(ckpt), "--data", shards, "--samples", "600", "--test", "300",
-                      "--variant", "src=real,epochs=4", "--variant", "epochs=2,max_shift=0")
+                      "--variant", "src=real,epochs=4", "--variant", "epochs=2,max_shift=0", "--per-class")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     real, fake = (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
     assert real["src"] == "real" and real["accuracy"] > 0.5
     assert fake["max_shift"] == 0 and fake["accuracy"] < 0.35
+    names = [str(i) for i in range(num_classes)]
+    # --per-class: the held-out accuracy of every class, the real classifier's on G's samples (an untrained G's
+    # are noise: near chance on average), and the classes each is mistaken for
+    assert sorted(real["per_class"]) == sorted(fake["per_class"]) == sorted(real["fidelity"]) == sorted(names)
+    assert sum(real["per_class"].values()) / num_classes > 0.5 and "fidelity" not in fake
+    assert sum(real["fidelity"].values()) / num_classes < 0.5
+    assert all(k not in fake["confused_with"][k] and len(fake["confused_with"][k]) <= 2 for k in names)
     assert fake["gap_points"] == pytest.approx(100 * (real["accuracy"] - fake["accuracy"]), abs=0.06)
     bad = run_script("cas_classifier.py", str(ckpt), "--data", shards, "--variant", "src=both")
     assert bad.returncode == 2 and "src must be fake or real" in bad.stderr
