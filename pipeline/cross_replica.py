@@ -37,7 +37,8 @@ class _AllReduceSum(torch.autograd.Function):
 
     Functional collectives rather than ``dist.all_reduce``: torch.compile traces them into the graph, so G's
     forward stays one graph (an eager collective inside the block loop made dynamo skip the whole forward and
-    compile each batch norm alone; found by the H200 check, bench/RESULTS.md "GPU paths").
+    compile each batch norm alone; found by the H200 check, bench/RESULTS.md "GPU paths"). Our own backward
+    rather than the autograd that newer torch registers for them: the GPU image's torch 2.11 may lack it.
     """
 
     @staticmethod
