@@ -28,7 +28,6 @@ import datetime
 import json
 import math
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -40,6 +39,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.loopback import free_port  # noqa: E402
 
 NODES = (1, 2, 4, 8, 16, 32, 64)
 LINKS_GBPS = (100.0, 200.0, 400.0)
@@ -106,10 +107,6 @@ def model_params(arch: str, resolution: int = 128, ch: int | None = None) -> dic
 
 
 # -- the measurement -------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _allreduce_worker(rank: int, world: int, port: int, backend: str, sizes: list[int], iters: int,

@@ -40,7 +40,6 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -57,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.loader import write_source  # noqa: E402
 from models.regularization import orthogonal_penalty  # noqa: E402
 from pipeline import config as C  # noqa: E402
+from pipeline.loopback import free_port  # noqa: E402
 from pipeline.presets import get_preset  # noqa: E402
 from pipeline.trainer import build_models  # noqa: E402
 
@@ -292,10 +292,6 @@ def bench_bare(cfg: C.RunConfig, device: torch.device, warmup: int, iters: int) 
 
 
 # -- (a) the trainer -------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_process_group(device: torch.device) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 # PostgreSQL, moto S3 and the k8s manifest's MLflow server: one of each per session, for every module
+from pipeline.loopback import free_port
 from tests.servers import mlflow_pg_s3_server, postgres_server, s3_server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,10 +34,6 @@ def _one_intra_op_thread():
     torch.set_num_threads(before)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:

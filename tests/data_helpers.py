@@ -8,7 +8,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -29,6 +28,7 @@ from data_prep.shard_format import (
     index_from_tar,
     sha256_file,
 )
+from pipeline.loopback import free_port
 
 # -- images --------------------------------------------------------------------------------------------------
 
@@ -177,10 +177,6 @@ def local_ray(num_cpus: int = 2) -> Iterator[None]:
             ray.shutdown()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -25,7 +25,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,9 +38,10 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import yaml
 
+from pipeline.loopback import LOOPBACK, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
-LOOPBACK = "127.0.0.1"
 MLFLOW_DEPLOYMENT = "biggan-mlflow"
 
 # What the Secrets of k8s/secrets.example.yaml hold, with test values. The MLflow server's environment is
@@ -58,11 +58,6 @@ TEST_FLASK_SECRET_KEY = "test-only-csrf-key"
 # Processes and ports.
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def http_status(port: int, path: str, host_header: str | None = None, timeout: float = 5.0,
