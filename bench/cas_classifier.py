@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.evaluation import evaluation_copy, real_images  # noqa: E402
 from pipeline.metrics.classifier import predict_logits, train_classifier  # noqa: E402
 from pipeline.metrics.evaluate import generate  # noqa: E402
-from pipeline.performance import native_bf16  # noqa: E402
+from pipeline.performance import fast_bf16  # noqa: E402
 from pipeline.sample import load_generator  # noqa: E402
 
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-class", action="store_true", help="accuracy, confusions and fidelity per class")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    bf16 = native_bf16(torch.device("cpu"))
+    bf16 = fast_bf16(torch.device("cpu"))
     G, cfg, names = load_generator(args.checkpoint)
     num_classes = len(names)
     G_eval = evaluation_copy(G, passes=4, batch_size=250, bf16=bf16)

@@ -150,9 +150,9 @@ class ReferenceSet:
         """Train the classifiers (dataset and CAS) in bf16: eval.classifier_precision, auto as train.precision=auto."""
         choice = self.ecfg.classifier_precision
         if choice == "auto":
-            from pipeline.performance import native_bf16  # noqa: PLC0415
+            from pipeline.performance import fast_bf16  # noqa: PLC0415
 
-            return native_bf16(self.device)
+            return fast_bf16(self.device)
         return choice == "bf16"
 
     def classifier_train_kwargs(self) -> dict:

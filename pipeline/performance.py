@@ -1,7 +1,8 @@
 """What `train.precision`, `train.channels_last` and `train.compile` set to "auto" become on this machine, and why.
 
-Measured on the 2-core Xeon with AMX-BF16 (bench/vs_biggan_pytorch.py, numbers in bench/RESULTS.md): bf16 runs
-the demo's convolutions on the bf16 matrix units; channels_last and torch.compile are judged by the same bench.
+Measured with bench/vs_biggan_pytorch.py on three 2-core CPUs (numbers in bench/RESULTS.md): bf16 pays on a Xeon
+with AMX-BF16 and on AMD EPYCs with AVX512-BF16, and costs time on a Xeon whose AMX the hypervisor hides, where
+only AVX512-BF16 is left; channels_last and torch.compile are judged by the same bench.
 Every resolved choice carries its reason; the trainer prints them once and logs them to MLflow as `speed.*` tags.
 """
 
@@ -19,8 +20,9 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf
 # torch.compile on CPU, measured for the demo's model: about this many seconds of compilation per process with an
 # empty inductor cache (the demo's 2 workers compiling at once on 2 cores: 192 s; a warm cache takes about half) ...
 CPU_COMPILE_SECONDS = 190.0
-# ... and this share of an eager bf16 iteration saved per step after it (bench/RESULTS.md, "CPU speed by default")
-CPU_COMPILE_SAVING = 0.45
+# ... and this share of an eager iteration saved per step after it: bf16 on the AMX Xeon, fp32 on the Xeon without
+# AMX (0.81 s against 1.13 s; bench/RESULTS.md, "CPU speed by default" and "Session 16")
+CPU_COMPILE_SAVING = {True: 0.45, False: 0.28}
 
 
 @dataclass(frozen=True)
@@ -53,37 +55,64 @@ class SpeedPlan:
         return out
 
 
-@functools.cache
-def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, ...]:
-    """Which of CPU_BF16_FLAGS this CPU advertises (empty where /proc/cpuinfo is missing: not Linux)."""
+def _cpuinfo_field(cpuinfo: str, key: str) -> str:
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
-        return ()
-    flags = set()
+        return ""
     for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[-1].split())
+        name, _, value = line.partition(":")
+        if name.strip() == key:
+            return value.strip()
+    return ""
+
+
+@functools.cache
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, ...]:
+    """Which of CPU_BF16_FLAGS this CPU advertises (empty where /proc/cpuinfo is missing: not Linux)."""
+    flags = set(_cpuinfo_field(cpuinfo, "flags").split())
     return tuple(f for f in CPU_BF16_FLAGS if f in flags)
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` has native bf16 math: a GPU that supports it, or a CPU with CPU_BF16_FLAGS."""
+@functools.cache
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """/proc/cpuinfo's vendor_id: GenuineIntel, AuthenticAMD, ... (empty where it is missing)."""
+    return _cpuinfo_field(cpuinfo, "vendor_id")
+
+
+def cpu_bf16_choice(flags: tuple[str, ...], vendor: str) -> Choice:
+    """Whether bf16 beats fp32 on a CPU with these bf16 flags and this vendor, as measured for the demo's model
+    (one eager trainer iteration, bench/vs_biggan_pytorch.py and bench/throughput.py, bench/RESULTS.md)."""
+    if "amx_bf16" in flags:
+        return Choice(True, "auto: the CPU has AMX-BF16 tiles (bf16 measured at 0.59x of fp32's time)")
+    if "avx512_bf16" in flags and vendor == "AuthenticAMD":
+        return Choice(True, "auto: an AMD CPU with avx512_bf16 (bf16 measured at 0.62x of fp32's time)")
+    if "avx512_bf16" in flags:
+        # AVX512-BF16 without the tiles: the dot products are native, but the casts and bf16 elementwise work around
+        # them cost more than they save at the demo's sizes
+        return Choice(False, f"auto: avx512_bf16 without AMX on this {vendor or 'unknown'} CPU "
+                             "(bf16 measured at 1.38x of fp32's time)")
+    return Choice(False, f"auto: no native bf16 units on this cpu (none of {', '.join(CPU_BF16_FLAGS)})")
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 is the faster precision on `device`: a GPU that supports it, or a CPU where it was measured to
+    beat fp32 (cpu_bf16_choice)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bool(cpu_bf16_flags())
+    return device.type == "cpu" and cpu_bf16_choice(cpu_bf16_flags(), cpu_vendor()).on
 
 
-def _precision(cfg: RunConfig, device: torch.device, cpu_flags: tuple[str, ...]) -> Choice:
+def _precision(cfg: RunConfig, device: torch.device, cpu_flags: tuple[str, ...], vendor: str) -> Choice:
     if cfg.train.precision != "auto":
         return Choice(cfg.train.precision == "bf16", f"train.precision={cfg.train.precision}")
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return Choice(True, "auto: the GPU supports bf16")
         return Choice(False, "auto: this GPU has no bf16")
-    if device.type == "cpu" and cpu_flags:
-        return Choice(True, f"auto: the CPU has native bf16 units ({', '.join(cpu_flags)})")
-    return Choice(False, f"auto: no native bf16 units on this {device.type} (none of {', '.join(CPU_BF16_FLAGS)})")
+    if device.type == "cpu":
+        return cpu_bf16_choice(cpu_flags, vendor)
+    return Choice(False, f"auto: bf16 not measured on {device.type}")
 
 
 def _channels_last(cfg: RunConfig, device: torch.device, bf16: bool) -> Choice:
@@ -102,10 +131,8 @@ def _compile(cfg: RunConfig, device: torch.device, bf16: bool) -> Choice:
         return Choice(value == "true", f"train.compile={value}")
     if device.type != "cpu":
         return Choice(False, "auto: not measured on this device type; set train.compile=true to try it")
-    if not bf16:
-        return Choice(False, "auto: measured only for bf16 on CPU")
     steps = cfg.train.steps
-    need = compile_break_even_steps(cfg)
+    need = compile_break_even_steps(cfg, bf16)
     if steps < need:
         return Choice(False, f"auto: {steps} steps do not repay ~{CPU_COMPILE_SECONDS:.0f}s of compilation "
                              f"(break-even ~{need} steps)")
@@ -113,11 +140,11 @@ def _compile(cfg: RunConfig, device: torch.device, bf16: bool) -> Choice:
                         f"(break-even ~{need} steps)")
 
 
-def compile_break_even_steps(cfg: RunConfig) -> int:
+def compile_break_even_steps(cfg: RunConfig, bf16: bool = True) -> int:
     """G steps after which compiling has paid for itself on CPU, from the measured compile time and saving and
     an eager step estimated from the work per step (images through D and G per iteration, relative to the demo)."""
     eager_step = eager_cpu_step_seconds(cfg)
-    return int(CPU_COMPILE_SECONDS / max(CPU_COMPILE_SAVING * eager_step, 1e-6)) + 1
+    return int(CPU_COMPILE_SECONDS / max(CPU_COMPILE_SAVING[bf16] * eager_step, 1e-6)) + 1
 
 
 def eager_cpu_step_seconds(cfg: RunConfig) -> float:
@@ -131,9 +158,11 @@ def eager_cpu_step_seconds(cfg: RunConfig) -> float:
         d.batch_size * cfg.cluster.num_workers), 1)
 
 
-def resolve(cfg: RunConfig, device: torch.device, cpu_flags: tuple[str, ...] | None = None) -> SpeedPlan:
-    """The plan for this run on `device`; explicit settings win over "auto". `cpu_flags`: the CPU's bf16 flags
-    (default: read from /proc/cpuinfo)."""
+def resolve(cfg: RunConfig, device: torch.device, cpu_flags: tuple[str, ...] | None = None,
+            cpu_vendor_id: str | None = None) -> SpeedPlan:
+    """The plan for this run on `device`; explicit settings win over "auto". `cpu_flags`, `cpu_vendor_id`: the CPU's
+    bf16 flags and vendor (default: read from /proc/cpuinfo)."""
     flags = (cpu_bf16_flags() if cpu_flags is None else cpu_flags) if device.type == "cpu" else ()
-    bf16 = _precision(cfg, device, flags)
+    vendor = cpu_vendor() if cpu_vendor_id is None else cpu_vendor_id
+    bf16 = _precision(cfg, device, flags, vendor)
     return SpeedPlan(bf16, _channels_last(cfg, device, bf16.on), _compile(cfg, device, bf16.on))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench import scaling, throughput
-from pipeline.performance import cpu_bf16_flags
+from pipeline.performance import fast_bf16
 from tests.conftest import ROOT
 
 TINY = ["--device", "cpu", "--arch", "biggan", "--ch", "4", "--resolution", "32", "--batch", "4",
@@ -48,7 +48,7 @@ def test_throughput_runs_trainer_and_bare_step_and_reports_every_field(tiny_thro
     # train.precision=auto: what pipeline/performance.py chose for this CPU, and said so
     bf16 = a["speed"]["speed.precision"] == "bf16"
     assert a["dtype"] == ("bfloat16" if bf16 else "float32") and a["loader_backend"] in ("dali-cpu", "wds")
-    assert bf16 == bool(cpu_bf16_flags()) and a["speed"]["speed.precision.reason"].startswith("auto")
+    assert bf16 == fast_bf16(torch.device("cpu")) and a["speed"]["speed.precision.reason"].startswith("auto")
     # the trainer and the bare step do the same math on the same model
     assert run["flops_per_iter"] > 0 and run["flops_per_iter_a"] == run["flops_per_iter"]
     params = run["params"]
