@@ -148,7 +148,7 @@ class TrainConfig:
     steps: int = bounded(250_000, ge=1)  # G steps
     global_batch: int = bounded(2048, ge=1)  # images per D step over all workers (gradient accumulation fills the gap)
     seed: int = bounded(0, ge=0, le=2**31 - 1)
-    precision: str = "auto"  # auto (bf16 on GPUs with bf16 and CPUs with amx_bf16/avx512_bf16, else fp32) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 where it pays: performance.cpu_bf16_choice) | bf16 | fp32
     log_every: int = bounded(20, ge=1)
     sample_every: int = bounded(1000, ge=1)
     checkpoint_every: int = bounded(1000, ge=1)
