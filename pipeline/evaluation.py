@@ -227,21 +227,18 @@ class ReferenceSet:
         """Every rank calls this: rank 0 builds (or loads) the real side and sends it to the others."""
         if self._shared:
             return
-        payload, error = None, None
-        if group.rank == 0:
-            try:
-                extractor = self.extractor()
-                vgg = self.vgg16()
-                payload = {
-                    "classifier": classifier_payload(self._classifier) if self._classifier is not None else None,
-                    "reference": self.reference(),
-                    "vgg16": vgg[1] if vgg is not None else None,
-                    "extractor": extractor.name,
-                }
-            except Exception as err:  # noqa: BLE001 - the other ranks must hear of it
-                error = err
-        group.raise_if_failed(error)
-        payload = group.broadcast(payload)
+
+        def build() -> dict:
+            extractor = self.extractor()
+            vgg = self.vgg16()
+            return {
+                "classifier": classifier_payload(self._classifier) if self._classifier is not None else None,
+                "reference": self.reference(),
+                "vgg16": vgg[1] if vgg is not None else None,
+                "extractor": extractor.name,
+            }
+
+        payload, error = group.on_rank0(build), None  # a classifier trained here uses the node's idle cores
         if group.rank != 0:
             try:
                 self._adopt(payload)
@@ -499,7 +496,7 @@ class Evaluator:
                        truncation=self.cfg.truncation, device=t.device, group=self.group, bf16=self.bf16,
                        G_eval=G_eval)
         self._scored = (step, self.cfg.truncation, dict(result))
-        if self.cfg.cas_samples:  # the ranks share the sampling; each trains the same (seeded) classifier
+        if self.cfg.cas_samples:  # the ranks share the sampling; rank 0 trains the classifier
             result |= cas(t.ema.model, self.reference, num_classes=t.cfg.model.num_classes, device=t.device,
                           bf16=self.bf16, group=self.group,
                           G_eval=G_eval if not self.cfg.truncation else None)  # CAS samples without truncation

@@ -8,6 +8,8 @@ import os
 import secrets
 from pathlib import Path
 
+from pipeline.loopback import LOOPBACK
+
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 PROJECT_PACKAGES = ("pipeline", "models", "data_prep")
 # NOTE: set in every process a run starts (setdefault: a user's own value wins). Ray Train V2 routes a worker's
@@ -66,12 +68,12 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 512, dashboard:
         return False
     # NOTE: if `ray` was imported before the variable was set, its copy of the constant is stale
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK,
+             _node_ip_address=LOOPBACK,
              object_store_memory=object_store_mb << 20, runtime_env=_runtime_env(), log_to_driver=True,
              logging_level=logging.WARNING)
     ips = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
-    if ips != {"127.0.0.1"}:
+    if ips != {LOOPBACK}:
         ray.shutdown()
         raise RuntimeError(f"embedded Ray is not on loopback (node addresses {sorted(ips)})")
     return True

@@ -291,6 +291,31 @@ def generator_reference(G, n, seed, ex, tmp_path):
     return reference_stats(batches, ex, tmp_path / f"ref_{seed}.npz")
 
 
+def test_generate_runs_g_on_a_cpu_in_chunks_with_global_bounds_and_the_same_images():
+    from pipeline.metrics import generate
+    from pipeline.metrics.evaluate import CPU_SAMPLE_CHUNK as C
+
+    class Recording(ToyGenerator):
+        def forward(self, z, y):
+            self.sizes.append(len(z))
+            return super().forward(z, y)
+
+    G = Recording()
+    G.sizes = []
+    whole = [(x, y) for x, y in generate(G, num_classes=4, dim_z=16, num_samples=5 * C + 7, batch_size=3 * C)]
+    assert [len(x) for x, _ in whole] == [3 * C, 2 * C + 7]  # the caller's batches are kept ...
+    assert G.sizes == [C, C, C, C, C, 7]  # ... G sees no more than a chunk at a time
+    G.sizes = []
+    part = torch.cat([x for x, _ in generate(G, num_classes=4, dim_z=16, num_samples=5 * C + 7, batch_size=3 * C,
+                                             start=C // 2, stop=4 * C + 3)])
+    # chunk bounds at multiples of the chunk wherever a share starts, and at its batches' ends (C // 2 + 3 * C)
+    assert G.sizes == [C - C // 2, C, C, C // 2, C // 2, 3]
+    images = torch.cat([x for x, _ in whole])
+    assert torch.equal(part, images[C // 2:4 * C + 3])
+    one_batch = next(iter(generate(G, num_classes=4, dim_z=16, num_samples=5 * C + 7, batch_size=5 * C + 7)))[0]
+    assert torch.equal(one_batch, images)
+
+
 def test_evaluate_generator_reports_all_metrics_in_eval_mode_and_restores_train_mode(tmp_path):
     G, ex = ToyGenerator(), PooledPixels()
     ref = generator_reference(G, 2000, seed=123, ex=ex, tmp_path=tmp_path)

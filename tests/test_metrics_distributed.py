@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 
 import numpy as np
@@ -22,6 +23,7 @@ from pipeline.metrics import (
     inception_score,
     precision_recall,
 )
+from pipeline.metrics.collective import node_threads
 from tests.test_metrics import PooledPixels, ToyGenerator, generator_reference
 
 ROWS = np.random.default_rng(0).normal(size=(20, 5)) + 100.0  # a large common offset: cancellation-prone
@@ -33,6 +35,7 @@ EVAL = dict(num_classes=4, dim_z=16, num_samples=61, batch_size=16, device="cpu"
 
 def _on_two_ranks(rank: int, rendezvous: str, ref_path: str, out: str) -> None:
     torch.set_num_threads(1)  # a spawned process: conftest's session fixture does not reach it
+    os.environ["LOCAL_WORLD_SIZE"] = "2"  # both ranks on this node, as Ray Train and torchrun say so
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     group = Collective(rank, 2)
     got: dict = {}
@@ -63,6 +66,14 @@ def _on_two_ranks(rank: int, rendezvous: str, ref_path: str, out: str) -> None:
         group.raise_if_failed(ValueError("no luck on this rank") if rank == 1 else None)
     except RankFailed as err:
         got["failure"] = str(err)
+
+    ran: list[int] = []
+    got["rank0_threads"] = group.on_rank0(lambda: ran.append(rank) or torch.get_num_threads())
+    got["ran"], got["threads_after"] = ran, torch.get_num_threads()
+    try:
+        group.on_rank0(lambda: 1 / 0)
+    except RankFailed as err:
+        got["rank0_failure"] = str(err)
 
     G, ex = ToyGenerator(), PooledPixels()
     with open(ref_path, "rb") as f:
@@ -102,12 +113,31 @@ def test_two_ranks_reduce_to_what_one_process_computes(tmp_path):
         assert tuple(got["pr"]) == precision_recall(REAL, FAKE)
         assert got["broadcast"] == 0
         assert got["failure"] == "rank 1: ValueError: no luck on this rank"
+        # work for rank 0 alone: it runs there on both ranks' threads, its result and its failure reach both
+        assert got["rank0_threads"] == min(2, len(os.sched_getaffinity(0))) and got["threads_after"] == 1
+        assert got["rank0_failure"] == "rank 0: ZeroDivisionError: division by zero"
         # a generator's evaluation over two ranks (31 + 30 samples, batches of 16) = the one-process numbers
         assert got["eval"].keys() == one.keys()
         for key, value in one.items():
             assert got["eval"][key] == pytest.approx(value, rel=1e-7, abs=1e-12), key
         assert got["nan_eval"].keys() == one.keys() and all(math.isnan(v) for v in got["nan_eval"].values())
     assert ranks[0]["eval"] == ranks[1]["eval"]  # bit for bit the same on both ranks
+    assert ranks[0]["ran"] == [0] and ranks[1]["ran"] == []
+
+
+def test_node_threads_borrows_only_the_cpu_threads_of_this_nodes_ranks(monkeypatch):
+    cpu, cores, before = torch.device("cpu"), len(os.sched_getaffinity(0)), torch.get_num_threads()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with node_threads(cpu, world_size=2) as n:
+        assert n == torch.get_num_threads() == min(2 * before, cores)
+    assert torch.get_num_threads() == before
+    with node_threads(cpu, world_size=1) as n:  # one process: nobody waits to lend its threads
+        assert n == torch.get_num_threads() == before
+    with node_threads(torch.device("cuda", 0), world_size=2) as n:  # a GPU rank's host threads stay as they are
+        assert n == torch.get_num_threads() == before
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # launched without a node-local count: assume one rank here
+    with node_threads(cpu, world_size=2) as n:
+        assert n == before
 
 
 def test_shares_are_contiguous_disjoint_and_cover_every_index():

@@ -39,7 +39,7 @@ def classification_accuracy_score(
 
     'real_accuracy' (the real-data classifier's accuracy on the same test images) is present when
     real_classifier is given. With a group, each rank draws its share of the batches (sample i is the same
-    whoever draws it) and every rank trains the same classifier on all of them, so all get the same numbers.
+    whoever draws it); rank 0 trains the classifier on all of them and every rank gets its numbers.
     """
     # whole batches per rank: each sample comes out of the same batch as in one process, so the classifier (which
     # would amplify a last-bit difference) trains on exactly the same images
@@ -60,8 +60,12 @@ def classification_accuracy_score(
         rows = group.gather_rows(fake_images.flatten(1).numpy())
         fake_images = torch.from_numpy(rows).reshape(-1, *shape)
         fake_labels = torch.from_numpy(group.gather_rows(fake_labels.long().numpy()[:, None])[:, 0])
-    clf = train_classifier(fake_images, fake_labels, num_classes, seed=seed, device=device, **(train_kwargs or {}))
-    out = {"cas": accuracy(clf, test_images, test_labels)}
-    if real_classifier is not None:
-        out["real_accuracy"] = accuracy(real_classifier, test_images, test_labels)
-    return out
+
+    def train_and_test() -> dict[str, float]:
+        clf = train_classifier(fake_images, fake_labels, num_classes, seed=seed, device=device, **(train_kwargs or {}))
+        out = {"cas": accuracy(clf, test_images, test_labels)}
+        if real_classifier is not None:
+            out["real_accuracy"] = accuracy(real_classifier, test_images, test_labels)
+        return out
+
+    return group.on_rank0(train_and_test)  # one classifier, not one per rank: rank 0 trains it on the node's cores

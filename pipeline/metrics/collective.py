@@ -6,6 +6,7 @@ the metrics need.
     total = group.sum(local_sums)                     # float64 arrays, added over ranks
     rows = group.gather_rows(local_rows)              # every rank's rows, in rank order (= global index order)
     group.raise_if_failed(error)                      # after local work: every rank raises if any rank failed
+    out = group.on_rank0(lambda: train())             # rank 0 alone, with this node's cores; the result on all
 
 With one process every call is a no-op, so single-process metrics run the very same code. Tensors that travel
 live on `device`: the CPU for gloo, the rank's GPU for NCCL (its `torch.cuda.current_device()` must be that GPU,
@@ -16,13 +17,18 @@ forever.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 class RankFailed(RuntimeError):
@@ -136,6 +142,39 @@ class Collective:
         dist.all_gather_object(gathered, _reason(error) if error is not None else "", group=self.group)
         failed = "; ".join(f"rank {r}: {msg}" for r, msg in enumerate(gathered) if msg)
         raise RankFailed(failed) from error
+
+    def on_rank0(self, work: Callable[[], T]) -> T:
+        """work() on rank 0 alone, its (picklable) result on every rank; every rank calls this, and a failure on
+        rank 0 raises on all. On a CPU, rank 0 borrows the threads of its node's other ranks, which wait here."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                with node_threads(self.device, self.world_size):
+                    result = work()
+            except Exception as err:  # noqa: BLE001 - the other ranks must hear of it
+                error = err
+        self.raise_if_failed(error)
+        return self.broadcast(result)
+
+
+@contextlib.contextmanager
+def node_threads(device: torch.device, world_size: int) -> Iterator[int]:
+    """Within the block, torch on this CPU rank runs on the threads of every rank of its node (LOCAL_WORLD_SIZE
+    ranks, as Ray Train and torchrun set it), at most the cores this process may use: for work one rank does
+    while the node's others block in a collective. Yields the thread count; a no-op on GPUs and for one process.
+    A small CNN's training takes 10.8 s an epoch on one thread and 5.3 s on two (bench/RESULTS.md, "Session 19")."""
+    before = torch.get_num_threads()
+    local_ranks = min(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), world_size)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = min(before * max(local_ranks, 1), cores)
+    if device.type != "cpu" or threads <= before:
+        yield before
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
 
 
 LOCAL = Collective()

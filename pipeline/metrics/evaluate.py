@@ -14,8 +14,8 @@ is the same whatever the world size. What each metric needs from the ranks:
   precision/     the features of the first pr_samples samples, gathered on every rank; the k-NN radii and
   recall         coverage counts are then split over the ranks again (precision_recall(group=...))
 
-and every rank computes the same numbers from the same reduced statistics. CAS (cas.py) trains a classifier on
-all generated images, so it stays a single-process metric.
+and every rank computes the same numbers from the same reduced statistics. CAS (cas.py) trains one classifier on
+all generated images: the ranks share the sampling, rank 0 trains it.
 """
 
 from __future__ import annotations
@@ -67,6 +67,11 @@ def balanced_labels(n: int, num_classes: int, generator: torch.Generator | None 
     return labels[torch.randperm(n, generator=generator)]
 
 
+# G's forward on a CPU in pieces of this many samples: the demo's G takes 2.7-3.1 ms an image in batches of 25-32
+# and 5.4-8.0 ms in batches of 250, whose activations overflow the caches (bench/RESULTS.md, "Session 19")
+CPU_SAMPLE_CHUNK = 32
+
+
 def _param_of(G: nn.Module) -> Tensor | None:
     return next(iter(G.parameters()), None)
 
@@ -98,13 +103,16 @@ def generate(
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     was_training = G.training
     G.eval()
+    chunk = CPU_SAMPLE_CHUNK if torch.device(device).type == "cpu" else batch_size
     try:
         for lo in range(start, stop, batch_size):
             hi = min(lo + batch_size, stop)
-            z = z_all[lo:hi].to(device, dtype)
-            y = y_all[lo:hi]
-            images = G(z, y.to(device)).float().clamp_(-1.0, 1.0)
-            yield images, y
+            # G in eval mode treats samples alone, so chunks change no image; their bounds are multiples of the
+            # chunk in global indices, the same on any rank layout (last bits can depend on the batch's size)
+            bounds = [lo, *range((lo // chunk + 1) * chunk, hi, chunk), hi]
+            images = torch.cat([G(z_all[a:b].to(device, dtype), y_all[a:b].to(device)).float()
+                                for a, b in zip(bounds, bounds[1:])]).clamp_(-1.0, 1.0)
+            yield images, y_all[lo:hi]
     finally:
         G.train(was_training)
 
