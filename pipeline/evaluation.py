@@ -238,7 +238,8 @@ class ReferenceSet:
                 "extractor": extractor.name,
             }
 
-        payload, error = group.on_rank0(build), None  # a classifier trained here uses the node's idle cores
+        payload = group.on_rank0(build)  # a classifier trained here uses the node's idle cores
+        error = None
         if group.rank != 0:
             try:
                 self._adopt(payload)

@@ -83,8 +83,9 @@ def demo() -> RunConfig:
     cfg.optim.zero_stage = 0
     cfg.ema.decay, cfg.ema.start_step = 0.99, 100  # a short run: average the last ~100 steps, not ~1000
     # aimed at 10 minutes on 2 cores after installation; measured on a fresh clone 12.3 min on the Xeon, 13.2 on an
-    # older EPYC and 6.1 on a Zen 5 EPYC, 6.0 there with this preset, 13.7 in fp32 on a Xeon without AMX, 14.4 on a slower one
-    # (bench/RESULTS.md, "The demo as a user runs it", "Session 8", "Session 11", "Session 14", "Session 16")
+    # older EPYC and 6.1 on a Zen 5 EPYC, 6.0 there with this preset, 13.7 in fp32 on a Xeon without AMX, 14.4 on a
+    # slower one (bench/RESULTS.md, "The demo as a user runs it", "Session 8", "Session 11", "Session 14", "Session 16",
+    # "Session 19")
     cfg.train.steps, cfg.train.global_batch = 450, 64
     cfg.train.log_every, cfg.train.sample_every, cfg.train.checkpoint_every = 25, 150, 225
     cfg.cluster.num_workers, cfg.cluster.use_gpu, cfg.cluster.max_failures = 2, False, 1

@@ -6,7 +6,7 @@ the metrics need.
     total = group.sum(local_sums)                     # float64 arrays, added over ranks
     rows = group.gather_rows(local_rows)              # every rank's rows, in rank order (= global index order)
     group.raise_if_failed(error)                      # after local work: every rank raises if any rank failed
-    out = group.on_rank0(lambda: train())             # rank 0 alone, with this node's cores; the result on all
+    out = group.on_rank0(train)                       # train() on rank 0 alone, with this node's cores; out on all
 
 With one process every call is a no-op, so single-process metrics run the very same code. Tensors that travel
 live on `device`: the CPU for gloo, the rank's GPU for NCCL (its `torch.cuda.current_device()` must be that GPU,
