@@ -4,6 +4,7 @@ the Classification Accuracy Score (CAS) next to the real-data classifier's accur
     python bench/quality.py --minutes 5 --json quality.json --grid grid.png        # the demo preset
     python bench/quality.py --preset dcgan-fmnist --steps 300 --set loss.kind=bce   # any preset, any override
     flock /tmp/ray-tests.lock python bench/quality.py --as-user --json q.json        # `make demo` itself, timed
+    python bench/quality.py --score runs/<run>/checkpoints/step-00001000/g_ema.pt      # a finished run's EMA G
 
 1. Data: Fashion-MNIST at 32 px (MNIST-5k where /usr/share/datasets/fashion-mnist is absent) as shards in
    --data (made once, in this process, no Ray; the default is launch/demo.py's folder, so both share them).
@@ -239,28 +240,35 @@ def newest_g_ema(checkpoints: str) -> Path:
     return Path(info.path) / "g_ema.pt"
 
 
-def main_as_user(args: argparse.Namespace, dataset: str, shards: str, wall0: float) -> int:
-    """--as-user: time launch/demo.py end to end, then score the EMA G of its last checkpoint on the test split."""
+def report_checkpoint(args: argparse.Namespace, dataset: str, path: Path, extra: dict, wall0: float) -> dict:
+    """Scores the EMA G in `path` on the test split, prints the gap and writes --json: what --as-user and --score
+    share."""
     from pipeline.sample import load_generator
 
-    result, demo_s, output = run_demo_as_user(args, shards)
-    path = newest_g_ema(result["checkpoints"])
     G, cfg, _ = load_generator(path)
     scores = evaluate(G, cfg, args, dataset)
     gap = scores["real_accuracy"] - scores["cas"]
-    report = {"mode": "as-user", "command": f"launch/demo.py --data {shards} " + " ".join(
-                  f"--set {o}" for o in args.overrides), "demo_wall_s": demo_s, "wall_s": time.perf_counter() - wall0,
-              "steps": result.get("step"), "status": result.get("status"), "checkpoint": str(path),
-              "loadavg_end": os.getloadavg(), **scores, "cas_gap": gap,
-              "console_lines": len(output.splitlines())}
-    print(f"[quality] demo as a user runs it: {demo_s / 60:.1f} min wall ({result.get('step')} steps, "
-          f"{result.get('status')}), load average now {os.getloadavg()[0]:.1f}\n"
-          f"  EMA G: FID (classifier features) {scores['fid']:.3f}; CAS {scores['cas']:.3f} vs real-data classifier "
-          f"{scores['real_accuracy']:.3f}: gap {100 * gap:.1f} points (on {scores['test_images']} test images)",
-          flush=True)
+    report = {**extra, "wall_s": time.perf_counter() - wall0, "checkpoint": str(path),
+              "loadavg_end": os.getloadavg(), **scores, "cas_gap": gap}
+    print(f"  EMA G ({path}): FID (classifier features) {scores['fid']:.3f}; CAS {scores['cas']:.3f} vs real-data "
+          f"classifier {scores['real_accuracy']:.3f}: gap {100 * gap:.1f} points (on {scores['test_images']} test "
+          f"images)", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+def main_as_user(args: argparse.Namespace, dataset: str, shards: str, wall0: float) -> int:
+    """--as-user: time launch/demo.py end to end, then score the EMA G of its last checkpoint on the test split."""
+    result, demo_s, output = run_demo_as_user(args, shards)
+    print(f"[quality] demo as a user runs it: {demo_s / 60:.1f} min wall ({result.get('step')} steps, "
+          f"{result.get('status')}), load average now {os.getloadavg()[0]:.1f}", flush=True)
+    extra = {"mode": "as-user", "command": f"launch/demo.py --data {shards} " + " ".join(
+                 f"--set {o}" for o in args.overrides), "demo_wall_s": demo_s,
+             "steps": result.get("step"), "status": result.get("status"), "console_lines": len(output.splitlines())}
+    report_checkpoint(args, dataset, newest_g_ema(result["checkpoints"]), extra, wall0)
+    if args.json:
         Path(args.json).with_suffix(".console.txt").write_text(output)  # what the user saw
     return 0
 
@@ -291,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as-user", action="store_true",
                    help="run launch/demo.py as a user does (2 Ray workers; under flock /tmp/ray-tests.lock), time it, "
                         "then score its last checkpoint (--set and --steps go to the demo)")
+    p.add_argument("--score", default=None, metavar="G_EMA_PT",
+                   help="train nothing: score this checkpoint's EMA G (a g_ema.pt, e.g. from a `make demo` run)")
     p.add_argument("--json", default=None, help="write the results here")
     return p
 
@@ -304,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     shards = prepare_shards(args.data, dataset)
     if args.as_user:
         return main_as_user(args, dataset, str(Path(shards).resolve()), wall0)
+    if args.score:
+        report_checkpoint(args, dataset, Path(args.score), {"mode": "score"}, wall0)
+        return 0
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="quality-"))
     cfg = build_config(args, shards, out)
     print(f"[quality] preset {cfg.preset} on {dataset} ({shards}); steps <= {cfg.train.steps}"

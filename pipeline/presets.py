@@ -82,19 +82,19 @@ def demo() -> RunConfig:
     cfg.data.flip = False
     cfg.optim.zero_stage = 0
     cfg.ema.decay, cfg.ema.start_step = 0.99, 100  # a short run: average the last ~100 steps, not ~1000
-    # aimed at 10 minutes on 2 cores after installation; measured on a fresh clone 12.3 min on the Xeon, 13.2 on an
-    # older EPYC and 6.1 on a Zen 5 EPYC, 6.0 there with this preset, 13.7 in fp32 on a Xeon without AMX, 14.4 on a
-    # slower one (bench/RESULTS.md, "The demo as a user runs it", "Session 8", "Session 11", "Session 14", "Session 16",
-    # "Session 19")
-    cfg.train.steps, cfg.train.global_batch = 450, 64
-    cfg.train.log_every, cfg.train.sample_every, cfg.train.checkpoint_every = 25, 150, 225
+    # 1,000 steps: in one two-worker run the CAS gap was 11.3 points at step 450, 8.0 at 600, 6.3 at 800 and 4.9 at
+    # 1,000 (bench/RESULTS.md, "Session 20"). Aimed at 10 minutes on 2 cores after installation: on the AMX Xeon the
+    # issue measured on, steps take ~0.37 s; on CPUs without native bf16 about three times that (13.7-14.4 min at 450
+    # steps on a Xeon without AMX, "Session 16", "Session 19"), where --set train.steps=450 halves the wait
+    cfg.train.steps, cfg.train.global_batch = 1000, 64
+    cfg.train.log_every, cfg.train.sample_every, cfg.train.checkpoint_every = 25, 250, 250
     cfg.cluster.num_workers, cfg.cluster.use_gpu, cfg.cluster.max_failures = 2, False, 1
     cfg.health.every, cfg.health.min_history = 5, 10
     # a run worth reviewing: FID and CAS in the dataset classifier's features at the end, the checkpoint registered
     # (eval.register_model), a truncation sweep; 4 standing-statistics passes of 250 samples are enough for G's
     # batch norms at this size and cost a fifth of the default 16
     e = cfg.eval
-    e.every, e.features, e.num_samples, e.reference_images, e.batch_size = 450, "classifier", 5000, 5000, 250
+    e.every, e.features, e.num_samples, e.reference_images, e.batch_size = 1000, "classifier", 5000, 5000, 250
     e.classifier_epochs, e.pr_samples, e.cas_samples, e.cas_test_images = 5, 2000, 5000, 2000
     e.truncation_sweep, e.standing_stats_passes = "0.5,1.0,0", 4
     return cfg
