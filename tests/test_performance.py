@@ -53,7 +53,9 @@ def test_avx512_bf16_alone_picks_bf16_only_where_it_was_measured_to_pay(vendor, 
 
 
 def test_auto_stays_fp32_without_bf16_units_and_explicit_settings_win():
-    plan = resolve(demo(), CPU, cpu_flags=())
+    # 450 steps: below fp32's compile break-even (~679), so nothing is switched on; the 1,000-step demo itself
+    # compiles fp32, as the break-even test below proves
+    plan = resolve(demo(**{"train.steps": 450}), CPU, cpu_flags=())
     assert not plan.bf16.on and not plan.channels_last.on and not plan.compile.on
     assert "no native bf16" in plan.bf16.reason
     forced = resolve(demo(**{"train.precision": "bf16", "train.channels_last": "false", "train.compile": "false"}),
@@ -73,6 +75,7 @@ def test_auto_compiles_only_runs_long_enough_to_repay_the_compile_time():
     assert fp32_need > bf16_need
     assert not resolve(demo(**{"train.steps": fp32_need - 1}), CPU, cpu_flags=()).compile.on
     assert resolve(demo(**{"train.steps": fp32_need}), CPU, cpu_flags=()).compile.on
+    assert fp32_need <= demo().train.steps and resolve(demo(), CPU, cpu_flags=()).compile.on
 
 
 @pytest.mark.parametrize("given, stored", [("true", "true"), ("True", "true"), ("on", "true"), ("0", "false"),
