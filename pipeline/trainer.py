@@ -163,15 +163,21 @@ class Trainer:
             out = self.D(x, y)
         return out if isinstance(out, tuple) else (out, None)
 
+    def fresh_fakes(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """G's images for a D step, outside G's graph. A compiled G runs in grad mode and is detached: under
+        no_grad it would compile a second, inference graph of G, ~25 s more compilation per process for the demo's
+        model on the AMX Xeon and no faster a step (bench/RESULTS.md, "Session 22"). Eager G skips the graph."""
+        with torch.enable_grad() if self.speed.compile.on else torch.no_grad():
+            return self.G(z, y).detach()
+
     # -- one D step (accumulated over micro-batches) -------------------------------------------------------------
     def d_step(self) -> None:
         cfg = self.cfg.loss
         r1_now = cfg.r1_gamma > 0 and self.d_steps_done % cfg.r1_interval == 0
         for micro in range(self.accum):
             x_real, y_real = self.next_real()
-            with torch.no_grad():
-                z, y_fresh = self.sample_latents(x_real.shape[0])
-                x_fresh = self.G(z, y_fresh)
+            z, y_fresh = self.sample_latents(x_real.shape[0])
+            x_fresh = self.fresh_fakes(z, y_fresh)
             x_fake, y_fake = self.replay.mix(x_fresh, y_fresh)
             x_real.requires_grad_(r1_now)
             if self.d_has_batchnorm:

@@ -70,6 +70,26 @@ def test_a_compiled_d_takes_the_r1_penalty_a_mitigation_switches_on_mid_run(tmp_
     assert any(not torch.equal(a, b) for a, b in zip(d_weights(trainer), before))
 
 
+def test_a_compiled_run_compiles_one_graph_of_g(tmp_path, digits_shards):
+    """The D step's fakes come from G's training graph, detached: a no_grad call would compile a second, inference
+    graph of G (dynamo guards on grad mode), ~25 s more per process for the demo's model. G once, D twice (its
+    parameters train in the D step and are frozen in the G step): three graphs."""
+    import torch._dynamo
+
+    shards, n = digits_shards
+    cfg = tiny_config(tmp_path, shards, n, **{"train.compile": "true", "loss.d_steps": 1, "loss.r1_gamma": 0.0})
+    trainer = make_trainer(cfg, tmp_path)
+    torch._dynamo.reset()  # earlier tests' compiled code and counts (other graphs, other guards) do not count here
+    torch._dynamo.utils.counters.clear()
+    graphs = torch._dynamo.utils.counters["stats"]
+    for _ in range(2):
+        trainer.train_iteration()
+    assert graphs["unique_graphs"] == 3, dict(graphs)
+    fresh = trainer.fresh_fakes(*trainer.sample_latents(cfg.data.batch_size))
+    assert not fresh.requires_grad and fresh.grad_fn is None  # outside G's graph: D's loss cannot reach G
+    assert graphs["unique_graphs"] == 3, dict(graphs)
+
+
 def test_building_the_engines_prints_no_deepspeed_banner_and_keeps_other_output(tmp_path, digits_shards, capsys):
     """DeepSpeed prints "DeepSpeed ... built successfully" once per process, when its comm backend first loads its
     shared-memory op: a fresh interpreter, or this test could not fail."""

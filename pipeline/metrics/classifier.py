@@ -32,6 +32,10 @@ from pipeline.metrics.extractors import FeatureExtractor
 logger = logging.getLogger(__name__)
 
 MAX_INPUT_SIZE = 64
+# the classifier's forward on a CPU in pieces of this many images, whose activations stay in the caches: 125 ms for
+# 250 32-px images on one core of the AMX Xeon against 209 ms in one batch of 256, the same features to the bit
+# (bench/RESULTS.md, "Session 22")
+CPU_FEATURE_CHUNK = 64
 
 
 @dataclass
@@ -243,9 +247,10 @@ class ClassifierExtractor(FeatureExtractor):
     @torch.no_grad()
     def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         device = next(self.model.parameters()).device
+        step = min(self.batch_size, CPU_FEATURE_CHUNK) if device.type == "cpu" else self.batch_size
         feats, logits = [], []
-        for i in range(0, images.shape[0], self.batch_size):
-            f = self.model.features(images[i:i + self.batch_size].to(device))
+        for i in range(0, images.shape[0], step):
+            f = self.model.features(images[i:i + step].to(device))
             feats.append(f.float().cpu())
             logits.append(self.model.head(f).float().cpu())
         return torch.cat(feats), torch.cat(logits)
