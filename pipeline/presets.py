@@ -89,6 +89,7 @@ def demo() -> RunConfig:
     cfg.train.steps, cfg.train.global_batch = 1000, 64
     cfg.train.log_every, cfg.train.sample_every, cfg.train.checkpoint_every = 25, 250, 250
     cfg.cluster.num_workers, cfg.cluster.use_gpu, cfg.cluster.max_failures = 2, False, 1
+    # health checks every 10 G steps, the default: every 5 cost 28 s of a fresh demo (bench/RESULTS.md, "Session 22")
     cfg.health.every, cfg.health.min_history = 10, 10
     # a run worth reviewing: FID and CAS in the dataset classifier's features at the end, the checkpoint registered
     # (eval.register_model), a truncation sweep; 4 standing-statistics passes of 250 samples are enough for G's
