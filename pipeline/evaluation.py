@@ -309,11 +309,12 @@ def evaluation_copy(G: nn.Module, *, passes: int, batch_size: int, truncation: f
     sampled under bf16 autocast if `bf16` (standing statistics too: the forward they describe)."""
     G = copy.deepcopy(G).eval().requires_grad_(False)
     if bf16:
-        if torch.device(device).type == "cpu":
+        device_type = torch.device(device).type
+        if device_type == "cpu":
             # bf16 convolutions on a CPU run faster in NHWC: the demo's G samples 2x faster on one core of the AMX
             # Xeon (167 against 332 ms for 250 images in batches of 50; bench/RESULTS.md, "Session 22")
             G = G.to(memory_format=torch.channels_last)
-        G = Bf16Sampling(G, torch.device(device).type).eval()
+        G = Bf16Sampling(G, device_type).eval()
     if passes > 0:
         from models.sampling import standing_stats
 
