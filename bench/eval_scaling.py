@@ -56,10 +56,10 @@ def build_extractor(kind: str, threads: int):
 
 
 def _rank(rank: int, world: int, rendezvous: str, setup: str, args: dict, out: str) -> None:
-    from pipeline import metrics
+    from pipeline import metrics, process_group
 
     threads = max(1, (os.cpu_count() or 1) // world)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    process_group.join("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.set_num_threads(threads)
     with open(setup, "rb") as f:
         G, ref, extractor = pickle.load(f)  # the classifier travels; TorchScript Inception is loaded here
@@ -76,7 +76,7 @@ def _rank(rank: int, world: int, rendezvous: str, setup: str, args: dict, out: s
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"world": world, "threads_per_rank": threads, "seconds": seconds, "metrics": result}, f)
-    dist.destroy_process_group()
+    process_group.leave()
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline import process_group  # noqa: E402
 from pipeline.loopback import free_port  # noqa: E402
 
 NODES = (1, 2, 4, 8, 16, 32, 64)
@@ -116,7 +117,7 @@ def _allreduce_worker(rank: int, world: int, port: int, backend: str, sizes: lis
     if cuda:
         torch.cuda.set_device(rank)
     device = torch.device(f"cuda:{rank}" if cuda else "cpu")
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    process_group.join(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120), device_id=device if cuda else None)
     try:
         rows = []
@@ -143,7 +144,7 @@ def _allreduce_worker(rank: int, world: int, port: int, backend: str, sizes: lis
         if rank == 0:
             Path(out).write_text(json.dumps(rows))
     finally:
-        dist.destroy_process_group()
+        process_group.leave()
 
 
 def measure_allreduce(nproc: int = 2, backend: str = "gloo", sizes_mb: tuple[float, ...] = (1, 4, 16, 64, 256),

@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.loader import write_source  # noqa: E402
 from models.regularization import orthogonal_penalty  # noqa: E402
 from pipeline import config as C  # noqa: E402
+from pipeline import process_group  # noqa: E402
 from pipeline.loopback import free_port  # noqa: E402
 from pipeline.presets import get_preset  # noqa: E402
 from pipeline.trainer import build_models  # noqa: E402
@@ -306,9 +307,9 @@ def init_process_group(device: torch.device) -> bool:
                        "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if device.type == "cuda":  # device_id: NCCL binds the GPU now instead of guessing it at the first collective
-        dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", device.index or 0))
+        process_group.join("nccl", rank=0, world_size=1, device_id=torch.device("cuda", device.index or 0))
     else:
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        process_group.join("gloo", rank=0, world_size=1)
     return True
 
 
@@ -585,9 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
         if created_group:
-            import torch.distributed as dist  # noqa: PLC0415
-
-            dist.destroy_process_group()
+            process_group.leave()
         shutil.rmtree(work, ignore_errors=True)
 
 

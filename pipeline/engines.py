@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline import process_group
 from pipeline.config import RunConfig, grad_accumulation_steps
 from pipeline.performance import resolve
 
@@ -59,7 +60,7 @@ def init_single_process_group() -> None:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                            "GLOO_SOCKET_IFNAME": "lo"})
         store = tempfile.NamedTemporaryFile(prefix="pg-", delete=False).name
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        process_group.join("gloo", init_method=f"file://{store}", rank=0, world_size=1)
 
 
 # printed (not logged) by DeepSpeed's comm backend in every worker when its CPU shared-memory op loads

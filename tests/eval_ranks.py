@@ -9,10 +9,9 @@ import types
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from pipeline import config as C
-from pipeline import evaluation
+from pipeline import evaluation, process_group
 from pipeline.tracking import Tracker
 
 
@@ -64,7 +63,7 @@ def evaluate(trainer) -> dict:
 def evaluate_on_two_ranks(rank: int, rendezvous: str, cfg: C.RunConfig, G: torch.nn.Module, out: str) -> None:
     """One of two gloo ranks: the real Evaluator on G, its share of the samples; then rank 1's G fails."""
     torch.set_num_threads(1)  # a spawned process: conftest's session fixture does not reach it
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    process_group.join("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     got = evaluate(trainer_stub(cfg, rank, 2, G, f"{out}.work{rank}"))
 
     warnings: list[str] = []
@@ -75,7 +74,7 @@ def evaluate_on_two_ranks(rank: int, rendezvous: str, cfg: C.RunConfig, G: torch
     got["failed"] = [ev.after_checkpoint(2, None), ev.last_fid, ev.failures, warnings]
     with open(f"{out}.{rank}", "w") as f:
         json.dump(got, f)
-    dist.destroy_process_group()
+    process_group.leave()
 
 
 def train_on_two_ranks(rank: int, rendezvous: str, cfg: C.RunConfig, store_dir: str, out: str) -> None:
@@ -89,7 +88,7 @@ def train_on_two_ranks(rank: int, rendezvous: str, cfg: C.RunConfig, store_dir: 
     torch.set_num_threads(1)
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                        "GLOO_SOCKET_IFNAME": "lo", "DS_ACCELERATOR": "cpu"})
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    process_group.join("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
 
     def make_loader(epoch: int, offset: int, seed: int):
         return build_loader(cfg.data.shards, batch_size=cfg.data.batch_size, rank=rank, world_size=2, device="cpu",
@@ -107,4 +106,4 @@ def train_on_two_ranks(rank: int, rendezvous: str, cfg: C.RunConfig, store_dir: 
         got["checkpoint"] = trainer.store.latest().path
     with open(f"{out}.{rank}", "w") as f:
         json.dump(got, f)
-    dist.destroy_process_group()
+    process_group.leave()

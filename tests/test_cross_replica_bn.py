@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 import models
 from models.layers import BatchNorm2d, ConditionalBatchNorm2d, StatsBatchNorm
+from pipeline import process_group
 from pipeline.cross_replica import CrossReplicaSum, install_cross_replica_bn
 
 WORLD = 2
@@ -26,7 +27,7 @@ def _init(rank: int, rendezvous: str) -> None:
     torch.set_num_threads(1)  # a spawned process: conftest's session fixture does not reach it
     os.environ.update({"GLOO_SOCKET_IFNAME": "lo", "DS_ACCELERATOR": "cpu", "RANK": str(rank),
                        "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_WORLD_SIZE": str(WORLD)})
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    process_group.join("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
 
 
 # -- single layers: uneven slices, conditional and plain BN, fp32 and bf16 ---------------------------------------
@@ -90,7 +91,7 @@ def _layers_on_rank(rank: int, rendezvous: str, results: str) -> None:
     ((out_c * w[lo:hi]).sum() + (out_b * w[lo:hi] * 0.5).sum()).backward()
     got["compiled"] = {"out_c": out_c.detach(), "x_grad": x.grad}
     torch.save(got, f"{results}.{rank}")
-    dist.destroy_process_group()
+    process_group.leave()
 
 
 def test_batch_norm_layers_on_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
@@ -177,7 +178,7 @@ def _g_on_rank(rank: int, rendezvous: str, results: str) -> None:
             z_grads.append(zk.grad)
         got[arch] = {"outs": outs, "z_grads": z_grads, "state": engine.module.state_dict()}
     torch.save(got, f"{results}.{rank}")
-    dist.destroy_process_group()
+    process_group.leave()
 
 
 def test_generator_on_two_deepspeed_ranks_normalizes_each_global_micro_batch(tmp_path):

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pipeline import process_group
 from pipeline.data import build_loader
 from pipeline.data.backends import dali_available
 from pipeline.data.faults import DataFaultError
@@ -131,7 +132,7 @@ def test_resume_with_the_quarantine_continues_exactly_and_reads_nothing_bad(tmp_
 
 
 def _two_ranks(rank: int, port: int, root: str, victim: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    process_group.join("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         with build_loader(root, batch_size=4, rank=rank, world_size=2, backend="wds", shuffle_window=8,
                           prefetch=1) as loader:
@@ -149,7 +150,7 @@ def _two_ranks(rank: int, port: int, root: str, victim: int, out: str) -> None:
                 "seen": mine, "quarantine": loader.quarantine, "stats": stats, "ids": ids,
                 "batches": loader.plan_for(2).batches_per_epoch}))
     finally:
-        dist.destroy_process_group()
+        process_group.leave()
 
 
 def test_two_ranks_agree_on_a_shard_only_one_of_them_met(tmp_path):

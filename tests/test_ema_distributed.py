@@ -4,15 +4,16 @@ assembles the whole average, equal to the average of DeepSpeed's full fp32 maste
 import os
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from pipeline import process_group
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world), "DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo"})
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    process_group.join("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     from deepspeed.utils import safe_get_full_fp32_param
 
     from pipeline.ema import EMA
@@ -44,7 +45,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     worst = max(float((got[n] - want[n]).abs().max()) for n in params)
     torch.save({"split": split, "worst": worst, "ema": {n: got[n].clone() for n in params}},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    process_group.leave()
 
 
 def test_bf16_zero1_ema_over_two_ranks_equals_the_average_of_full_fp32_masters(tmp_path):

@@ -11,9 +11,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pipeline import process_group
 from pipeline.metrics import (
     Collective,
     FeatureStats,
@@ -36,7 +36,7 @@ EVAL = dict(num_classes=4, dim_z=16, num_samples=61, batch_size=16, device="cpu"
 def _on_two_ranks(rank: int, rendezvous: str, ref_path: str, out: str) -> None:
     torch.set_num_threads(1)  # a spawned process: conftest's session fixture does not reach it
     os.environ["LOCAL_WORLD_SIZE"] = "2"  # both ranks on this node, as Ray Train and torchrun say so
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    process_group.join("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     group = Collective(rank, 2)
     got: dict = {}
 
@@ -86,7 +86,7 @@ def _on_two_ranks(rank: int, rendezvous: str, ref_path: str, out: str) -> None:
     got["nan_eval"] = evaluate_generator(G, extractor=ex, ref_stats=ref, group=group, **EVAL)
     with open(f"{out}.{rank}", "w") as f:
         json.dump(got, f)
-    dist.destroy_process_group()
+    process_group.leave()
 
 
 def test_two_ranks_reduce_to_what_one_process_computes(tmp_path):

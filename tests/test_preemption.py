@@ -8,10 +8,9 @@ import subprocess
 import sys
 import time
 
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline import preemption
+from pipeline import preemption, process_group
 from pipeline.checkpoint import CheckpointStore
 from tests.conftest import ROOT, free_port
 
@@ -80,7 +79,7 @@ def test_sigint_then_time_cadence(tmp_path, digits_shards):
 def _rank(rank: int, port: int, out, stop_rank: int, stop_at: int):
     os_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo"}
     os.environ.update(os_env)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    process_group.join("gloo", rank=rank, world_size=2)
     agree = preemption.StopAgreement(rank, 2, every_minutes=0.0 if rank else 1e-9)
     saves, stop = [], None
     for step in range(1, 30):
@@ -96,7 +95,7 @@ def _rank(rank: int, port: int, out, stop_rank: int, stop_at: int):
             break
     agree.close()
     out.put((rank, stop, saves))
-    dist.destroy_process_group()
+    process_group.leave()
 
 
 def test_ranks_agree_on_the_stop_step_and_the_time_cadence():

@@ -15,9 +15,10 @@ def main(rank: int, root: str, shards: str, num_classes: int) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                        "GLOO_SOCKET_IFNAME": "lo", "DS_ACCELERATOR": "cpu"})
     torch.set_num_threads(1)
-    import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2)
+    from pipeline import process_group
+
+    process_group.join("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2)
     from pipeline.checkpoint import CheckpointStore
     from pipeline.data import build_loader
     from pipeline.tracking import Tracker
@@ -38,7 +39,7 @@ def main(rank: int, root: str, shards: str, num_classes: int) -> None:
     share = trainer.class_signals._share()
     Path(root, f"result{rank}.json").write_text(json.dumps({
         "signals": {k: v for k, v in signals.items() if k.startswith("class_")}, "share": [share.start, share.stop]}))
-    dist.destroy_process_group()
+    process_group.leave()
 
 
 if __name__ == "__main__":

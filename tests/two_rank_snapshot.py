@@ -16,7 +16,9 @@ def main(rank: int, root: str, shards: str, num_classes: int) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2)
+    from pipeline import process_group
+
+    process_group.join("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2)
     from pipeline import config as C
     from pipeline.checkpoint import CheckpointStore
     from pipeline.data import build_loader
@@ -59,7 +61,7 @@ def main(rank: int, root: str, shards: str, num_classes: int) -> None:
         "restored": info.step, "step": resumed.step, "files": sorted(files),
         "restore_dir_left": (resumed.work_dir / "restore").exists(),
     }))
-    dist.destroy_process_group()
+    process_group.leave()
 
 
 if __name__ == "__main__":
