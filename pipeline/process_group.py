@@ -38,9 +38,9 @@ def leave() -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     dist.destroy_process_group()
-    if worker_threads():
+    if left := worker_threads():
         log.warning("%d gloo worker threads outlived destroy_process_group (something still holds the group; was "
-                    "it made with process_group.join?): this process may abort at exit", worker_threads())
+                    "it made with process_group.join?): this process may abort at exit", left)
 
 
 def worker_threads() -> int:
